@@ -1,0 +1,32 @@
+# Quickstart: `make demo` (set up + run the whole pipeline offline on the demo recipe), `make test`.
+VENV       ?= .venv
+PYTHON     ?= python3
+PY         := $(VENV)/bin/python
+# Where no torch is installed yet, install this one first. On the dev/CI machines `torch==2.13.0` resolves
+# to the CPU wheel on disk; on a GPU machine it is PyPI's CUDA build. Override e.g. TORCH_SPEC='torch>=2.5'.
+TORCH_SPEC ?= torch==2.13.0
+CORES      ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: setup demo test bench clean-demo
+
+setup: $(VENV)/.daychat-installed
+
+$(VENV)/.daychat-installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import sys; assert sys.version_info >= (3, 11), 'daychat needs Python >= 3.11, found ' + sys.version.split()[0]"
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+demo: setup
+	$(PY) -m workflow.workspace run demo --cores $(CORES)
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m bench.data
+	$(PY) -m bench.dag
+
+clean-demo:
+	rm -rf runs/demo

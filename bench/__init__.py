@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): results are merged into reports/bench/*.json."""

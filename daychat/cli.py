@@ -1,0 +1,50 @@
+"""What every stage entry point shares: one-line errors, progress bars, status lines.
+
+A stage's `main()` raises `UserError` for anything a person can fix; `run()` turns it into
+`error: <line>` on stderr and exit status 2. An unexpected exception keeps its traceback (it is a bug
+to report) and is followed by a one-line summary, so the last line of a failed stage always says what
+happened.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from typing import Callable, Iterable, TypeVar
+
+from tqdm import tqdm
+
+from daychat.errors import UserError
+
+T = TypeVar("T")
+
+
+def run(main: Callable[[], object], name: str) -> None:
+    """Call a stage's `main()` and exit the process with a status a workflow engine understands."""
+    t0 = time.time()
+    try:
+        main()
+    except UserError as e:
+        print(f"error: [{name}] {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"error: [{name}] interrupted; nothing half-written was kept", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as e:  # a bug, not bad input: keep the traceback, then say it in one line
+        traceback.print_exc()
+        print(f"error: [{name}] failed with {type(e).__name__}: {e} (traceback above)", file=sys.stderr, flush=True)
+        sys.exit(1)
+    status(name, f"done in {time.time() - t0:.1f}s")
+
+
+def status(name: str, message: str) -> None:
+    """One compact line a person can follow in a long log: `[stage] message`."""
+    print(f"[{name}] {message}", flush=True)
+
+
+def progress(iterable: Iterable[T] | None = None, *, total: float | None = None, desc: str = "",
+             unit: str = "it", unit_scale: bool = False) -> tqdm:
+    """A progress bar with rate and ETA on stderr; refreshes at most every half second in logs."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,
+                mininterval=0.5, dynamic_ncols=True, file=sys.stderr, leave=True)

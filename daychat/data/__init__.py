@@ -1,0 +1,1 @@
+"""Data: sources, text shards (parquet), token shards, loaders."""

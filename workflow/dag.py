@@ -1,0 +1,128 @@
+"""dvc.yaml -> a list of stages both engines agree on.
+
+DVC reads dvc.yaml itself; the Snakefile reads it through this module and makes one rule per stage:
+deps become inputs, outs/metrics/plots become outputs (folders as `directory()`), the params.yaml
+sections a stage declares become the rule's `params:` (so Snakemake's params trigger reruns exactly
+the stages whose knobs changed), and the command is passed through `params` as well (a `shell:`
+string built in a loop is evaluated late and would run the last stage's command for every rule).
+
+Only the dvc.yaml features daychat uses are supported, and anything else is refused by name rather
+than half-understood: plain `${section.key}` interpolation from params.yaml, string or single-key
+mapping entries for deps/outs/metrics/plots, params from params.yaml. This module imports nothing but
+PyYAML so that a no-op `snakemake all` stays fast.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SUPPORTED_KEYS = {"cmd", "deps", "params", "outs", "metrics", "plots", "desc", "meta"}
+_INTERP = re.compile(r"\$\{\s*([A-Za-z0-9_.\-]+)\s*\}")
+
+
+class DagError(Exception):
+    pass
+
+
+@dataclass
+class Stage:
+    name: str
+    cmd: str
+    deps: list[str] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)  # keys in params.yaml: "tokenizer" or "tokenizer.vocab_size"
+    outs: list[str] = field(default_factory=list)  # cached outputs (files or folders)
+    metrics: list[str] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
+    on_demand: bool = False  # `meta: {on_demand: true}`: outside `all` (e.g. probe)
+
+    @property
+    def outputs(self) -> list[str]:
+        return self.outs + self.metrics + self.plots
+
+
+def load_stages(root: str | Path = ".") -> list[Stage]:
+    """Parse `root/dvc.yaml`, resolving `${...}` against `root/params.yaml`."""
+    root = Path(root)
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        raise DagError(f"{dvc_yaml} not found: run from a workspace (the project root or runs/<recipe>/)")
+    spec = yaml.safe_load(dvc_yaml.read_text()) or {}
+    params = _load_params(root / "params.yaml")
+    unknown_top = set(spec) - {"stages"}
+    if unknown_top:
+        raise DagError(f"dvc.yaml: top-level {sorted(unknown_top)} not supported by workflow/dag.py")
+    stages = []
+    for name, body in (spec.get("stages") or {}).items():
+        extra = set(body) - SUPPORTED_KEYS
+        if extra:
+            raise DagError(f"dvc.yaml: stage {name}: keys {sorted(extra)} not supported by workflow/dag.py")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise DagError(f"dvc.yaml: stage name {name!r} must be a Python identifier (it is a Snakemake rule)")
+        meta = body.get("meta") or {}
+        stages.append(Stage(
+            name=name,
+            cmd=_resolve(body["cmd"], params, f"{name}.cmd"),
+            deps=[_resolve(p, params, f"{name}.deps") for p in _paths(body.get("deps"))],
+            params=[_param_key(p, name) for p in body.get("params") or []],
+            outs=[_resolve(p, params, f"{name}.outs") for p in _paths(body.get("outs"))],
+            metrics=[_resolve(p, params, f"{name}.metrics") for p in _paths(body.get("metrics"))],
+            plots=[_resolve(p, params, f"{name}.plots") for p in _paths(body.get("plots"))],
+            on_demand=bool(meta.get("on_demand", False)),
+        ))
+    return stages
+
+
+def param_values(stage: Stage, params: dict[str, Any]) -> dict[str, Any]:
+    """The values of a stage's declared params, keyed like Snakemake rule params (dots -> '__')."""
+    return {key.replace(".", "__"): _lookup(params, key, f"{stage.name}.params") for key in stage.params}
+
+
+def load_params(root: str | Path = ".") -> dict[str, Any]:
+    return _load_params(Path(root) / "params.yaml")
+
+
+def is_folder(stage_output: str) -> bool:
+    """DVC outputs are folders or files; a path with no suffix is a folder by daychat's convention."""
+    return Path(stage_output).suffix == ""
+
+
+def _load_params(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DagError(f"{path} not found")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _paths(entries: Any) -> list[str]:
+    out = []
+    for entry in entries or []:
+        if isinstance(entry, str):
+            out.append(entry)
+        elif isinstance(entry, dict) and len(entry) == 1:
+            out.append(next(iter(entry)))
+        else:
+            raise DagError(f"dvc.yaml: unsupported path entry {entry!r}")
+    return out
+
+
+def _param_key(entry: Any, stage: str) -> str:
+    if not isinstance(entry, str):
+        raise DagError(f"dvc.yaml: stage {stage}: params from files other than params.yaml are not supported ({entry!r})")
+    return entry
+
+
+def _lookup(params: dict[str, Any], dotted: str, where: str) -> Any:
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise DagError(f"dvc.yaml: {where}: params.yaml has no key {dotted}")
+        node = node[part]
+    return node
+
+
+def _resolve(text: str, params: dict[str, Any], where: str) -> str:
+    return _INTERP.sub(lambda m: str(_lookup(params, m.group(1), where)), str(text))
