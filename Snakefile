@@ -37,6 +37,9 @@ for _stage in _STAGES:
         # the last stage's values); the declared params.yaml sections ride along so that editing one
         # reruns this stage and what is downstream of it.
         params: cmd=_stage.cmd, **_dag.param_values(_stage, _PARAMS)
+        # The stages form a chain and parallelise inside (workers params, torch threads): each asks for
+        # every core, and Snakemake caps that at --cores (it also sets OMP_NUM_THREADS, else 1).
+        threads: os.cpu_count() or 1
         shell: "{params.cmd}"
 
 

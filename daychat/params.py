@@ -123,10 +123,201 @@ class PretokenizeParams:
     batch_docs: int = knob(512, min=1)  # documents encoded per batch (bounds memory)
 
 
+@dataclass(frozen=True)
+class DedupParams:
+    """Exact and MinHash near-duplicate removal (daychat.data.dedup). Two documents are near duplicates
+    when the Jaccard similarity of their shingle sets is >= threshold; MinHash LSH finds the candidate
+    pairs, with the S-curve of bands x rows worked out in daychat/data/dedup.py and in the metrics."""
+
+    shingle: str = knob("word", choices=("word", "char"))  # word n-grams, or character n-grams
+    ngram: int = knob(5, min=1, max=64)  # words (or characters) per shingle
+    num_perm: int = knob(100, min=1, max=1024)  # MinHash values per document: must equal bands x rows
+    bands: int = knob(20, min=1)
+    rows: int = knob(5, min=1)
+    threshold: float = knob(0.7, min=0.05, max=1.0)  # Jaccard similarity from which documents are duplicates
+    verify: bool = True  # duplicates must have an exact Jaccard >= threshold; false: every LSH candidate is one
+    boilerplate: str = knob("gutenberg", choices=("none", "gutenberg"))  # gutenberg: shingle only a book's body
+    seed: int = knob(0, min=0)  # of the MinHash permutations
+    workers: int = knob(0, min=0, max=256)  # processes over shards; 0 = all cores
+
+    def check(self) -> None:
+        if self.bands * self.rows != self.num_perm:
+            raise ParamsError("dedup.num_perm", f"must equal bands x rows ({self.bands} x {self.rows} = "
+                                                f"{self.bands * self.rows}), got {self.num_perm}")
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    """GPT pretraining on the train token shards (stage pretrain; daychat.model, daychat.optim, daychat.train).
+
+    Defaults are the 1x RTX 4090 / 24 h recipe's first guess; params.yaml says why, the planner refines it.
+    """
+
+    seed: int = knob(0, min=0)  # model init and data order
+    # Model (daychat.model.GPTConfig): model_dim = depth x aspect_ratio rounded up to a multiple of head_dim.
+    depth: int = knob(20, min=1, max=256)
+    aspect_ratio: int = knob(64, min=1)
+    head_dim: int = knob(128, min=8)
+    n_kv_head: int = knob(0, min=0)  # grouped-query attention: key/value heads (0 = one per query head)
+    window_pattern: str = "L"  # attention span per layer, tiled over depth: L = global, S = short_window
+    short_window: int = knob(1024, min=1)
+    softcap: float = knob(15.0, min=0.0)  # logit soft-capping (0 = off)
+    # Horizon: `tokens` tokens, `tokens_per_param` x the model's scaling params, or `budget_h` hours of
+    # training wall clock (the lr warms down on time whatever the throughput; data wraps into more epochs).
+    horizon: str = knob("time", choices=("tokens", "ratio", "time"))
+    tokens: int = knob(0, min=0)  # horizon: tokens
+    tokens_per_param: float = knob(20.0, min=0.0)  # horizon: ratio (Chinchilla ~20)
+    budget_h: float = knob(20.0, min=0.0)  # horizon: time
+    # Batch: tokens per optimizer step, rows per micro-batch at the longest seq_len (same tokens per
+    # micro-batch at shorter ones), and the curriculum [fraction of the horizon, seq_len] (first at 0.0).
+    total_batch: int = knob(524_288, min=1)
+    device_batch: int = knob(4, min=1)
+    seq_len: list[list[float]] = knob([[0.0, 512], [0.5, 1024], [0.85, 2048]])
+    # Optimizers (daychat.optim): Muon for the block matrices, AdamW for embeddings, head and scalars.
+    matrix_lr: float = knob(0.02, min=0.0)
+    embedding_lr: float = knob(0.3, min=0.0)
+    unembedding_lr: float = knob(0.004, min=0.0)
+    scalar_lr: float = knob(0.5, min=0.0)
+    weight_decay: float = knob(0.2, min=0.0)  # Muon's cautious weight decay, cosine to 0 over the horizon
+    adam_beta1: float = knob(0.8, min=0.0, max=1.0)
+    adam_beta2: float = knob(0.95, min=0.0, max=1.0)
+    # Learning-rate shape: linear warmup over steps, constant, linear warmdown over the last fraction.
+    warmup_steps: int = knob(40, min=0)
+    warmdown_frac: float = knob(0.5, min=0.0, max=1.0)
+    final_lr_frac: float = knob(0.05, min=0.0, max=1.0)
+    # Data: documents the best-fit packer chooses from; a new random document order each epoch.
+    buffer_docs: int = knob(1000, min=1)
+    shuffle: bool = True
+    # Precision and speed: auto = bf16 autocast (fp32 master weights) on CUDA, fp32 on CPU.
+    device: str = knob("auto", choices=("auto", "cuda", "cpu"))
+    precision: str = knob("auto", choices=("auto", "bf16", "fp32"))
+    compile: bool = True  # torch.compile on CUDA (never on CPU)
+    # Evaluation, logging, checkpoints, safety.
+    eval_every: int = knob(250, min=0)  # steps between val bpb evaluations (0 = at the end only)
+    eval_tokens: int = knob(10_485_760, min=1)  # validation tokens per evaluation
+    log_every: int = knob(1, min=1)  # steps between log lines and dvclive rows
+    save_every: int = knob(0, min=0)  # steps between checkpoints (0 = off)
+    save_every_min: float = knob(30.0, min=0.0)  # minutes between checkpoints (0 = off)
+    keep_checkpoints: int = knob(2, min=1)
+    loss_spike: float = knob(3.0, min=0.0)  # stop when a step's loss > this x the smoothed loss (0 = off)
+
+    # Keys that do not change what is trained: editing them resumes the same run instead of starting over.
+    NOT_IN_FINGERPRINT = ("eval_every", "eval_tokens", "log_every", "save_every", "save_every_min",
+                          "keep_checkpoints", "loss_spike")
+
+    def curriculum(self) -> list[tuple[float, int]]:
+        return [(float(fraction), int(seq_len)) for fraction, seq_len in self.seq_len]
+
+    def check(self) -> None:
+        from daychat.train.schedule import plan_batch
+
+        for i, entry in enumerate(self.seq_len):
+            if len(entry) != 2 or entry[1] != int(entry[1]) or entry[1] < 1 or not 0.0 <= entry[0] < 1.0:
+                raise ParamsError(f"pretrain.seq_len[{i}]", f"must be [fraction in [0, 1), seq_len >= 1], got {entry}")
+        fractions = [entry[0] for entry in self.seq_len]
+        if not fractions or fractions[0] != 0.0 or fractions != sorted(set(fractions)):
+            raise ParamsError("pretrain.seq_len", f"must list [fraction, seq_len] with fractions increasing from 0.0, "
+                                                  f"e.g. [[0.0, 512], [0.5, 2048]], got {self.seq_len}")
+        plan_batch(self.total_batch, self.device_batch, [seq_len for _, seq_len in self.curriculum()])
+        needed = {"tokens": ("tokens", self.tokens), "ratio": ("tokens_per_param", self.tokens_per_param),
+                  "time": ("budget_h", self.budget_h)}[self.horizon]
+        if needed[1] <= 0:
+            raise ParamsError(f"pretrain.{needed[0]}", f"must be > 0 when pretrain.horizon is {self.horizon}")
+        if not self.window_pattern or set(self.window_pattern) - {"L", "S"}:
+            raise ParamsError("pretrain.window_pattern", f"must be a string of L and S, got {self.window_pattern!r}")
+
+
+@dataclass(frozen=True)
+class QualityParams:
+    """The quality stage (daychat.data.quality): language ID, heuristic filters, a fastText quality
+    classifier. Each part is on/off and counts what it drops; the thresholds' sources are cited in
+    daychat/data/heuristics.py. Default values are the real recipe's."""
+
+    workers: int = knob(2, min=0, max=256)  # processes over chunks of documents; 0 = all cores
+    seed: int = knob(0, min=0)  # classifier sampling, shuffling and training; the audit sample
+    audit_fraction: float = knob(0.05, min=0.0, max=1.0)  # dropped docs written to dropped.parquet (1.0 = all)
+    # 1. Language identification: fastText lid.176 on up to lid_sample_chars characters of each document.
+    lid: bool = True
+    lid_languages: list[str] = knob(["en"])  # lid.176 codes: en, fr, de, zh, ...
+    lid_threshold: float = knob(0.65, min=0.0, max=1.0)  # the top language's probability must reach this
+    lid_sample_chars: int = knob(2000, min=100)
+    # 2. Heuristics: the filters switched on (all by default), then their thresholds.
+    strip_gutenberg: bool = True  # cut the Project Gutenberg header and licence, keep the book
+    heuristics: list[str] = knob(["boilerplate", "length", "mean_word_length", "symbol_ratio", "alpha_words",
+                                  "stop_words", "bullet_lines", "ellipsis_lines", "dup_lines", "dup_paragraphs",
+                                  "top_ngrams", "dup_ngrams"])
+    boilerplate_max_fraction: float = knob(0.5, min=0.0, max=1.0)  # drop when stripped boilerplate was more
+    min_words: int = knob(50, min=0)
+    max_words: int = knob(100_000, min=0)  # 0 = no upper bound
+    min_mean_word_length: float = knob(3.0, min=0.0)
+    max_mean_word_length: float = knob(10.0, min=0.0)
+    max_symbol_word_ratio: float = knob(0.1, min=0.0)  # '#' per word, and '...' per word
+    min_alpha_words: float = knob(0.8, min=0.0, max=1.0)  # share of words with a letter
+    max_bullet_lines: float = knob(0.9, min=0.0, max=1.0)
+    max_ellipsis_lines: float = knob(0.3, min=0.0, max=1.0)
+    min_stop_words: int = knob(2, min=0)
+    max_dup_lines: float = knob(0.3, min=0.0, max=1.0)  # share of lines that repeat an earlier one
+    max_dup_line_chars: float = knob(0.2, min=0.0, max=1.0)  # ... and their share of the characters
+    max_dup_paragraphs: float = knob(0.3, min=0.0, max=1.0)
+    max_dup_paragraph_chars: float = knob(0.2, min=0.0, max=1.0)
+    max_top_ngram_chars: list[float] = knob([0.20, 0.18, 0.16])  # for n = 2, 3, 4, ...
+    max_dup_ngram_chars: list[float] = knob([0.15, 0.14, 0.13, 0.12, 0.11, 0.10])  # for n = 5, 6, ...
+    # 3. Quality classifier (fastText, DCLM-style), trained in the stage on positives vs negatives. A
+    # source is `input` (the documents that passed 1 and 2), `shuffled:<source>` (its words shuffled),
+    # `embedded:stdlib|packages`, `local:<path or glob>` (parquet, jsonl, jsonl.gz) or an http(s) URL of a
+    # parquet file (fetched through the download cache); `#a+b` joins fields a and b (default: text).
+    classifier: bool = True
+    classifier_positives: list[str] = knob([
+        "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/refs%2Fconvert%2Fparquet/default/train/0000.parquet#instruction+context+response",
+        "https://huggingface.co/datasets/Open-Orca/OpenOrca/resolve/main/1M-GPT4-Augmented.parquet#question+response",
+    ])
+    classifier_negatives: list[str] = knob(["input"])
+    classifier_max_docs: int = knob(100_000, min=2)  # per class, a seeded sample of each side's sources
+    classifier_doc_chars: int = knob(4000, min=100)  # characters of a document the classifier sees
+    classifier_holdout: float = knob(0.1, min=0.01, max=0.5)  # share of each class held out for precision/recall
+    classifier_epochs: int = knob(5, min=1)
+    classifier_lr: float = knob(0.1, min=0.0)
+    classifier_dim: int = knob(64, min=2)
+    classifier_word_ngrams: int = knob(2, min=1, max=5)
+    classifier_buckets: int = knob(2_000_000, min=1000)  # hash buckets for word n-grams (the model's size)
+    classifier_quantize: bool = False  # save a quantised model.ftz (~10x smaller; ~25 s of k-means per 100k buckets)
+    classifier_keep: str = knob("top_fraction", choices=("top_fraction", "threshold"))
+    classifier_threshold: float = knob(0.5, min=0.0, max=1.0)  # keep: threshold
+    classifier_top_fraction: float = knob(0.8, min=0.0, max=1.0)  # keep: top_fraction (cut-off set on train, applied to val)
+
+    def check(self) -> None:
+        from daychat.data.heuristics import HEURISTICS
+        from daychat.data.quality import parse_source
+
+        if not self.lid_languages or any(not (code.isascii() and code.isalpha() and code.islower()) for code in self.lid_languages):
+            raise ParamsError("quality.lid_languages", f"must list lid.176 language codes such as en, fr, got {self.lid_languages}")
+        unknown = [name for name in self.heuristics if name not in HEURISTICS]
+        if unknown:
+            raise ParamsError("quality.heuristics", f"has unknown filters {unknown} (known: {', '.join(HEURISTICS)})")
+        if self.max_words and self.max_words < self.min_words:
+            raise ParamsError("quality.max_words", f"must be >= min_words ({self.min_words}) or 0, got {self.max_words}")
+        if self.max_mean_word_length < self.min_mean_word_length:
+            raise ParamsError("quality.max_mean_word_length",
+                              f"must be >= min_mean_word_length ({self.min_mean_word_length}), got {self.max_mean_word_length}")
+        for key in ("max_top_ngram_chars", "max_dup_ngram_chars"):
+            if any(not 0.0 <= value <= 1.0 for value in getattr(self, key)):
+                raise ParamsError(f"quality.{key}", f"must hold fractions in [0, 1], got {getattr(self, key)}")
+        if self.classifier_keep == "top_fraction" and self.classifier_top_fraction <= 0.0:
+            raise ParamsError("quality.classifier_top_fraction", "must be > 0 (it is the share of documents kept)")
+        for key in ("classifier_positives", "classifier_negatives"):
+            if self.classifier and not getattr(self, key):
+                raise ParamsError(f"quality.{key}", "must list at least one source when quality.classifier is true")
+            for i, spec in enumerate(getattr(self, key)):
+                parse_source(spec, f"quality.{key}[{i}]")
+
+
 SECTIONS: dict[str, type] = {
     "download": DownloadParams,
+    "dedup": DedupParams,
     "tokenizer": TokenizerParams,
     "pretokenize": PretokenizeParams,
+    "quality": QualityParams,
+    "pretrain": PretrainParams,
 }
 
 

@@ -1,6 +1,7 @@
 """End to end on the ci recipe, in a temporary workspace: the DAG runs under both engines, a rerun does
 nothing, and editing one knob reruns exactly that stage and what is downstream of it."""
 
+
 import json
 import re
 import subprocess
@@ -74,22 +75,35 @@ def test_second_snakemake_run_does_nothing(ws):
     assert_dvc_clean(ws)
 
 
-def test_vocab_edit_reruns_exactly_tokenizer_and_pretokenize_under_snakemake(ws):
+def downstream_of(ws: Path, stage: str) -> set[str]:
+    expected = dag.downstream(dag.load_stages(ws), stage)
+    assert expected >= {stage}
+    return expected
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("tokenizer", "vocab_size", 600),       # -> tokenizer, pretokenize, pretrain
+    ("quality", "min_words", 40),           # -> quality and everything after it
+    ("dedup", "threshold", 0.75),           # -> dedup and everything after it
+])
+def test_param_edit_reruns_exactly_its_stage_and_downstream_under_snakemake(ws, section, key, value):
     before = stamps(ws)
-    set_param(ws, "tokenizer", "vocab_size", 600)
+    set_param(ws, section, key, value)
     snakemake(ws, "all")
-    assert ran(before, stamps(ws)) == {"tokenizer", "pretokenize"}
-    assert json.loads((ws / "reports/metrics/tokenizer.json").read_text())["vocab_size"] == 600
+    assert ran(before, stamps(ws)) == downstream_of(ws, section)
     assert_dvc_clean(ws)
 
 
-def test_vocab_edit_reruns_exactly_tokenizer_and_pretokenize_under_dvc(ws):
+def test_vocab_edit_reruns_exactly_tokenizer_and_downstream_under_dvc(ws):
     before = stamps(ws)
     set_param(ws, "tokenizer", "vocab_size", 700)
     out = dvc(ws, "repro")
-    assert set(re.findall(r"Running stage '(\w+)'", out)) == {"tokenizer", "pretokenize"}
-    assert ran(before, stamps(ws)) == {"tokenizer", "pretokenize"}
-    assert "didn't change, skipping" in out  # download
+    expected = downstream_of(ws, "tokenizer")
+    assert expected == {"tokenizer", "pretokenize", "pretrain"}
+    assert set(re.findall(r"Running stage '(\w+)'", out)) == expected
+    assert ran(before, stamps(ws)) == expected
+    assert "didn't change, skipping" in out  # download, dedup, quality
+    assert json.loads((ws / "reports/metrics/tokenizer.json").read_text())["vocab_size"] == 700
     assert_dvc_clean(ws)
     assert "Data and pipelines are up to date" in dvc(ws, "repro")
 

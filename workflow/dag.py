@@ -82,6 +82,23 @@ def param_values(stage: Stage, params: dict[str, Any]) -> dict[str, Any]:
     return {key.replace(".", "__"): _lookup(params, key, f"{stage.name}.params") for key in stage.params}
 
 
+def downstream(stages: list[Stage], name: str) -> set[str]:
+    """`name` and every stage that reads, directly or not, what it writes: what an edit of its params reruns."""
+    producer = {out: s.name for s in stages for out in s.outputs}
+    readers: dict[str, set[str]] = {s.name: set() for s in stages}
+    for s in stages:
+        for dep in s.deps:
+            if dep in producer:
+                readers[producer[dep]].add(s.name)
+    found, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current not in found:
+            found.add(current)
+            todo.extend(readers[current])
+    return found
+
+
 def load_params(root: str | Path = ".") -> dict[str, Any]:
     return _load_params(Path(root) / "params.yaml")
 

@@ -6,7 +6,8 @@ exactly as at the root:
     runs/demo/
       params.yaml     <- workflow/recipes/demo.yaml (re-synced on every `sync`)
       dvc.yaml        <- the project's dvc.yaml, byte for byte
-      stages/ daychat/  symlinks to the project's code, so code deps resolve and edits rerun stages
+      stages/ daychat/ workflow/ Snakefile   symlinks to the project's code: code deps resolve, edits
+                      rerun stages, and `snakemake` / `dvc` work from inside the workspace
       .git/ .dvc/     its own git and DVC repos (locks, cache, experiments stay inside)
       data/ models/ reports/   outputs
 
@@ -29,9 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "workflow" / "recipes"
-CODE_LINKS = ("stages", "daychat")  # what dvc.yaml's commands and code deps refer to
+CODE_LINKS = ("stages", "daychat", "workflow", "Snakefile")  # code deps, commands, and the engine itself
 GITIGNORE = ".snakemake/\n.cache/\n"
-DVCIGNORE = ".snakemake/\n.cache/\n"
+DVCIGNORE = ".snakemake/\n.cache/\n.snakemake_timestamp\n"
 
 
 def recipe_path(recipe: str) -> Path:

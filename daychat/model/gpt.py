@@ -1,0 +1,432 @@
+"""
+The daychat GPT: a decoder-only transformer in the current best-known small-model form.
+
+Design choices (the optional ones are GPTConfig switches):
+- Width from depth: model_dim = depth * aspect_ratio, rounded UP to a multiple of head_dim, with a fixed
+  head_dim (nanochat's "one knob" sizing), so a recipe scales the model with `depth` alone.
+- Rotary position embeddings (RoFormer, arXiv:2104.09864); no learned positions.
+- QK-norm: q and k are RMS-normalised per head before the dot product (arXiv:2010.04245, ViT-22B
+  arXiv:2302.05442), which keeps attention logits bounded and lets Muon use large learning rates.
+- Parameter-free RMSNorm (arXiv:1910.07467) via F.rms_norm: after the token embedding, before attention
+  and MLP (pre-norm), and before the lm_head. No gains, no biases anywhere.
+- ReLU^2 MLP with 4x hidden width (Primer, arXiv:2109.08668).
+- Untied token embedding and lm_head: they want very different learning rates (see daychat.optim).
+- Logit soft-capping softcap * tanh(logits / softcap) (Gemma 2, arXiv:2408.00118; modded-nanogpt,
+  nanochat use 15), computed in fp32 together with the loss.
+- Zero-initialised output projections (attn.c_proj, mlp.c_proj): every block starts as the identity, so
+  the initial residual stream is the (normalised) token embedding (modded-nanogpt, nanochat).
+- Per-layer learnable residual scalars, as in modded-nanogpt / nanochat: before block i,
+  x <- resid_lambdas[i] * x + x0_lambdas[i] * x0, where x0 is the normalised embedding.
+- Value embeddings (value residual, ResFormer arXiv:2410.17897; modded-nanogpt): alternating layers,
+  the last one always included (nanochat's layout), own a token -> value-vector table that is added to V
+  through a per-kv-head input-dependent gate 2 * sigmoid(W x[:, :32]), neutral (= 1) at init.
+- Grouped-query attention (arXiv:2305.13245): n_kv_head <= n_head key/value heads.
+- A window pattern: one char per layer, cycled, L = global causal, S = sliding window of `short_window`
+  keys (the query itself included); the final layer is always global, as in nanochat. Window layers run on
+  a kernel that really skips the masked blocks (FlexAttention with a block mask, arXiv:2412.05496) on CUDA.
+- Precision: the model holds fp32 master weights; on CUDA the training loop runs forward under
+  torch.autocast("cuda", torch.bfloat16); logits, softcap and cross-entropy are always fp32.
+
+Shapes: B batch, T time, C = model_dim, H query heads, Hkv key/value heads, D = head_dim, V vocab.
+This file imports nothing from daychat and touches no CUDA at import.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+# Vocab rows are padded to a multiple of this for tensor-core friendly lm_head shapes (nanochat pads to 64);
+# the extra rows are never a target and the logits are cropped back to vocab_size.
+PAD_VOCAB_TO = 64
+# The value-embedding gate reads this many leading channels of the block input (nanochat: 32).
+VE_GATE_CHANNELS = 32
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    sequence_len: int = 2048  # longest T the rotary table covers (and T in the FLOP count)
+    depth: int = 12  # number of transformer blocks
+    aspect_ratio: int = 64  # model_dim = depth * aspect_ratio, rounded up to a multiple of head_dim
+    head_dim: int = 128
+    n_kv_head: int | None = None  # None = n_head (no GQA)
+    window_pattern: str = "L"  # one char per layer, cycled: L = global, S = window of short_window
+    short_window: int = 1024
+    softcap: float = 15.0  # 0 = off
+    qk_norm: bool = True
+    value_embeds: bool = True
+    zero_init_proj: bool = True
+    rope_base: float = 10000.0
+    resid_lambdas: bool = True  # per-layer learnable residual / x0 scalars
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"GPTConfig: {msg}")
+
+        for name in ("vocab_size", "sequence_len", "depth", "aspect_ratio", "head_dim", "short_window"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name} must be a positive integer, got {value!r}")
+        need(self.head_dim % 2 == 0, f"head_dim must be even (rotary embeddings rotate pairs), got {self.head_dim}")
+        if self.n_kv_head is not None:
+            need(isinstance(self.n_kv_head, int) and self.n_kv_head >= 1,
+                 f"n_kv_head must be a positive integer or None, got {self.n_kv_head!r}")
+            need(self.n_head % self.n_kv_head == 0,
+                 f"n_head ({self.n_head} = model_dim {self.model_dim} / head_dim {self.head_dim}) must be a "
+                 f"multiple of n_kv_head ({self.n_kv_head})")
+        need(len(self.window_pattern) > 0 and set(self.window_pattern) <= {"L", "S"},
+             f"window_pattern must be a non-empty string of 'L' (global) and 'S' (short window) characters, "
+             f"got {self.window_pattern!r}")
+        need(self.softcap >= 0, f"softcap must be >= 0 (0 = off), got {self.softcap}")
+        need(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base}")
+
+    @property
+    def model_dim(self) -> int:
+        return -(-self.depth * self.aspect_ratio // self.head_dim) * self.head_dim
+
+    @property
+    def n_head(self) -> int:
+        return self.model_dim // self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_head resolved (None means one kv head per query head)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // PAD_VOCAB_TO) * PAD_VOCAB_TO
+
+    @property
+    def ve_gate_channels(self) -> int:
+        return min(VE_GATE_CHANNELS, self.model_dim)
+
+    def layer_windows(self) -> list[int | None]:
+        """Per layer: None for global causal attention, else the window (keys visible, the query included)."""
+        chars = [self.window_pattern[i % len(self.window_pattern)] for i in range(self.depth)]
+        chars[-1] = "L"  # the last layer always sees the whole context (nanochat)
+        return [self.short_window if c == "S" else None for c in chars]
+
+    def value_embed_layers(self) -> list[int]:
+        """Layers with a value embedding: every other layer, the last always included (nanochat's has_ve)."""
+        if not self.value_embeds:
+            return []
+        return [i for i in range(self.depth) if i % 2 == (self.depth - 1) % 2]
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dimension."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x (B, T, nh, D) by position-dependent angles; cos, sin: (1, T, 1, D/2).
+
+    The math runs in the dtype of cos/sin (fp32) and the result is cast back to x's dtype (bf16 under autocast).
+    """
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x2 * cos - x1 * sin
+    return torch.cat([y1, y2], dim=-1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention kernels
+#
+# Global layers: F.scaled_dot_product_attention(is_causal=True), which on CUDA in bf16 dispatches to the
+# flash backend (FA2 on Ada/Hopper; it supports enable_gqa) and never forms a T x T matrix.
+# Window layers on CUDA: FlexAttention with a sliding-window BlockMask. The mask is built once per
+# (T, window, device) and cached; blocks entirely outside the window are skipped by the kernel, so a
+# window of W costs ~W/T of a global layer, which is what estimate_flops counts.
+# Window layers on CPU: SDPA with an explicit boolean T x T mask. This path exists so tests can check
+# correctness on CPU; it costs a full global layer and is not meant to be fast.
+
+
+def _sliding_window_mod(window: int):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    return mask_mod
+
+
+@lru_cache(maxsize=64)
+def sliding_window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
+    """FlexAttention BlockMask: query t sees keys t-window+1 .. t. Shared by all heads and batch rows."""
+    return create_block_mask(_sliding_window_mod(window), B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+@lru_cache(maxsize=64)
+def sliding_window_dense_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
+    """The same mask as a dense (T, T) bool tensor, True = attend. CPU / reference path only."""
+    i = torch.arange(T, device=device)
+    diff = i[:, None] - i[None, :]  # (T, T): query index - key index
+    return (diff >= 0) & (diff < window)
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tensor:
+    """flex_attention, compiled on CUDA. Unfused (eager) flex materialises the scores, so on CUDA we always
+    call a compiled flex: inside an outer torch.compile region the plain function is traced and fused there;
+    outside one, a lazily created torch.compile(flex_attention) is used. Eager flex is only for CPU tests."""
+    global _compiled_flex
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: BlockMask | torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention. q: (B, H, T, D); k, v: (B, Hkv, T, D) with H % Hkv == 0 -> (B, H, T, D).
+
+    mask None = global causal; a BlockMask = FlexAttention; a bool (T, T) tensor = SDPA with that mask.
+    """
+    gqa = q.size(1) != k.size(1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, BlockMask):
+        return _flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The network
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.qk_norm = config.qk_norm
+        C = config.model_dim
+        self.c_q = nn.Linear(C, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+        # one gate per kv head, read from the first few channels of the input (cheap: 32 x Hkv weights)
+        self.ve_gate_channels = config.ve_gate_channels
+        has_ve = layer_idx in config.value_embed_layers()
+        self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve else None
+
+    def forward(self, x, ve, cos_sin, mask):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+
+        if ve is not None:  # value residual: v += gate * value_embedding(token), gate in (0, 2), 1 at init
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, Hkv)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
+
+        cos, sin = cos_sin
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        if self.qk_norm:  # rotation preserves the norm, so norm-after-rotary = rotary-after-norm
+            q, k = norm(q), norm(k)
+        # Attention kernels want one dtype: that of the projections (bf16 under autocast, fp32 on CPU).
+        q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))  # (B, nh, T, D)
+        y = causal_attention(q, k, v, mask)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        C = config.model_dim
+        self.c_fc = nn.Linear(C, 4 * C, bias=False)
+        self.c_proj = nn.Linear(4 * C, C, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos_sin, mask):
+        x = x + self.attn(norm(x), ve, cos_sin, mask)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    """Build on 'meta' (or CPU), move with to_empty(device=...), then call init_weights().
+
+    `window_kernel` picks the kernel for sliding-window layers: "auto" (FlexAttention on CUDA, dense-mask
+    SDPA elsewhere), "flex" or "dense" (tests compare the two on CPU).
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.window_kernel = "auto"
+        V, C = config.padded_vocab_size, config.model_dim
+        self.wte = nn.Embedding(V, C)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.depth)])
+        self.lm_head = nn.Linear(C, V, bias=False)
+        kv_dim = config.kv_heads * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in config.value_embed_layers()})
+        if config.resid_lambdas:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.depth))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.depth))
+        else:
+            self.resid_lambdas = self.x0_lambdas = None
+        self._windows = config.layer_windows()
+        # Rotary tables are derived data: not saved in checkpoints, recomputed by init_weights (after to_empty).
+        cos, sin = self._rotary_tables(config.sequence_len, device=self.wte.weight.device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    # ------------------------------------------------------------------------------------------------------
+    # init
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer; deterministic under torch.manual_seed.
+
+        wte ~ N(0, 1)  (it is RMS-normalised right away, so only directions matter)
+        lm_head ~ N(0, 0.001)  (near-zero logits at init: the initial loss is ~ln V)
+        c_q, c_k, c_v, c_fc, value embeddings ~ U(-a, a) with a = sqrt(3 / C), i.e. std 1/sqrt(C); uniform
+            avoids the outliers of a normal (nanochat)
+        attn.c_proj, mlp.c_proj = 0 when zero_init_proj (else uniform with std 1/sqrt(fan_in))
+        ve_gate = 0 (gate 2 * sigmoid(0) = 1); resid_lambdas = 1, x0_lambdas = 0.1 (nanochat)
+        """
+        C = self.config.model_dim
+        a = (3 / C) ** 0.5
+        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.blocks:
+            attn, mlp = block.attn, block.mlp
+            for w in (attn.c_q.weight, attn.c_k.weight, attn.c_v.weight, mlp.c_fc.weight):
+                nn.init.uniform_(w, -a, a)
+            for w in (attn.c_proj.weight, mlp.c_proj.weight):
+                if self.config.zero_init_proj:
+                    nn.init.zeros_(w)
+                else:
+                    bound = (3 / w.size(1)) ** 0.5
+                    nn.init.uniform_(w, -bound, bound)
+            if attn.ve_gate is not None:
+                nn.init.zeros_(attn.ve_gate.weight)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -a, a)
+        if self.resid_lambdas is not None:
+            self.resid_lambdas.fill_(1.0)  # plain residual at init
+            self.x0_lambdas.fill_(0.1)  # a little of the embedding fed back into every layer
+        self.cos, self.sin = self._rotary_tables(self.config.sequence_len, device=self.wte.weight.device)
+
+    def _rotary_tables(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos, sin of shape (1, T, 1, D/2); frequencies base^(-2i/D) (RoFormer)."""
+        D = self.config.head_dim
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
+        t = torch.arange(T, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)  # (T, D/2)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+    # ------------------------------------------------------------------------------------------------------
+    # accounting
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The optimizer's view: "matrix" (2-D block weights -> Muon), "embedding" (token + value embeddings),
+        "lm_head", "scalar" (per-layer lambdas) -> AdamW. Every parameter is in exactly one group."""
+        groups = {
+            "matrix": list(self.blocks.parameters()),
+            "embedding": [self.wte.weight, *(ve.weight for ve in self.value_embeds.values())],
+            "lm_head": [self.lm_head.weight],
+            "scalar": [] if self.resid_lambdas is None else [self.resid_lambdas, self.x0_lambdas],
+        }
+        assert all(p.ndim == 2 for p in groups["matrix"])
+        assert sum(len(g) for g in groups.values()) == len(list(self.parameters()))
+        return groups
+
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts: total, per optimizer group, plus wte / value_embeds and matmul (matrix + lm_head,
+        the parameters that cost FLOPs). Padded vocab rows are counted: they exist and are optimised."""
+        counts = {name: sum(p.numel() for p in ps) for name, ps in self.param_groups().items()}
+        counts["wte"] = self.wte.weight.numel()
+        counts["value_embeds"] = counts["embedding"] - counts["wte"]
+        counts["matmul"] = counts["matrix"] + counts["lm_head"]
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    def estimate_flops(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), counted as nanochat does so MFU figures compare.
+
+        6 per matmul weight (2 forward, 4 backward; embeddings are lookups, not matmuls; the lm_head counts),
+        plus 12 * H * D * T_eff per layer for QK^T and AV (PaLM, arXiv:2204.02311, App. B), where T_eff = T
+        for global layers and min(window, T) for window layers. The causal half is not discounted.
+        seq_len defaults to config.sequence_len (pass the current T under a sequence-length curriculum).
+        """
+        T = self.config.sequence_len if seq_len is None else seq_len
+        H, D = self.config.n_head, self.config.head_dim
+        attn = sum(12 * H * D * (T if w is None else min(w, T)) for w in self._windows)
+        return float(6 * self.num_params()["matmul"] + attn)
+
+    # ------------------------------------------------------------------------------------------------------
+    # forward
+
+    @torch.compiler.disable
+    def _window_masks(self, T: int, device: torch.device) -> list:
+        """Per layer: None (global) or the mask object its kernel needs. Masks are cached per (T, window).
+        Kept out of torch.compile graphs (Python-side caching): a compiled model sees one graph break here,
+        and only when the pattern has S layers."""
+        kernel = self.window_kernel
+        if kernel == "auto":
+            kernel = "flex" if device.type == "cuda" else "dense"
+        build = sliding_window_block_mask if kernel == "flex" else sliding_window_dense_mask
+        return [None if w is None or w >= T else build(T, w, device) for w in self._windows]
+
+    def _trunk(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> residual stream after the last block, before the final norm: (B, T, C)."""
+        B, T = idx.size()
+        if T > self.cos.size(1):
+            raise ValueError(f"sequence of {T} tokens is longer than config.sequence_len={self.cos.size(1)}")
+        cos_sin = self.cos[:, :T], self.sin[:, :T]
+        if any(w is not None for w in self._windows):
+            masks = self._window_masks(T, idx.device)
+        else:  # all global: no masks, and no graph break under torch.compile
+            masks = [None] * len(self.blocks)
+        x = norm(self.wte(idx))  # (B, T, C)
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            if self.resid_lambdas is not None:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None  # (B, T, Hkv*D)
+            x = block(x, ve, cos_sin, masks[i])
+        return x
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_reduction: str = "mean") -> torch.Tensor:
+        """idx (B, T) -> fp32 softcapped logits (B, T, V); with targets (B, T) -> cross-entropy loss.
+
+        Targets equal to -1 are ignored. loss_reduction: "mean" (scalar), "sum" (scalar) or "none" (B, T)
+        per-token losses (0 where ignored), which bits-per-byte needs.
+        """
+        if loss_reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
+        B, T = idx.size()
+        x = norm(self._trunk(idx))
+        logits = self.lm_head(x)  # (B, T, V_padded); bf16 under autocast
+        logits = logits[..., :self.config.vocab_size].float()  # crop the padding; fp32 from here on
+        if self.config.softcap > 0:
+            c = self.config.softcap
+            logits = c * torch.tanh(logits / c)  # smoothly bounded to (-c, c)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss

@@ -1,0 +1,143 @@
+"""Checkpoints of a training run: everything needed to continue it exactly, written atomically.
+
+A run's checkpoints live in one folder, one file per save:
+
+    step_000500.pt   torch.save of {"step", "model", "optimizers", "loader", "loop", "rng", "meta"}
+
+A file is written under a temporary name and renamed into place, so a kill during a save leaves the
+previous checkpoint as the latest and never a truncated one. After a save only the last `keep` are kept.
+
+The folder must not be a pipeline output: DVC and Snakemake both delete a stage's outputs before they
+rerun it, which would make resuming impossible. The pretrain stage keys it by a fingerprint of its
+inputs (see `run_fingerprint`), so a rerun with the same inputs resumes and one with other params starts
+fresh in a folder of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daychat.errors import UserError
+from daychat.io import atomic_path
+
+_NAME = re.compile(r"step_(\d+)\.pt")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Save, find and load the checkpoints in `folder`, keeping the last `keep`."""
+
+    def __init__(self, folder: str | os.PathLike, keep: int = 2):
+        self.folder = Path(folder)
+        self.keep = max(1, keep)
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step_{step:06d}.pt"
+
+    def all(self) -> list[Path]:
+        """Finished checkpoints, oldest first (temporary files of an interrupted save are not listed)."""
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _NAME.fullmatch(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        path = self.path(step)
+        with atomic_path(path) as tmp:
+            torch.save({"step": step, **state}, tmp)
+        for old in self.all()[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load(self, path: str | os.PathLike | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """The checkpoint at `path` (default: the latest), or None when there is none."""
+        path = Path(path) if path else self.latest()
+        if path is None:
+            return None
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # a damaged file: say which, and what to do
+            raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it to resume from the "
+                            "one before, or delete the folder to start over") from None
+
+
+def run_fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (params, input hashes): the name of a run's checkpoint folder."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The final model folder: what the next stages (and people) load.
+#
+#     model.pt       fp32 state_dict (torch.save of a plain dict of tensors: loads with weights_only=True)
+#     config.json    the GPTConfig
+#     tokenizer/     a copy of the tokenizer the model was trained with (a few hundred KB)
+#     meta.json      params, code version, hardware, data, FLOPs, final metrics
+
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+META_FILE = "meta.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def write_model_folder(out: str | os.PathLike, model: torch.nn.Module, config: Any, meta: dict,
+                       tokenizer: str | os.PathLike) -> None:
+    """Write the model folder `out` as a whole (built under a temporary name, then renamed)."""
+    import dataclasses
+    import shutil
+
+    from daychat.io import atomic_dir, write_json
+
+    with atomic_dir(out) as tmp:
+        state = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
+        torch.save(state, tmp / MODEL_FILE)
+        write_json(tmp / CONFIG_FILE, dataclasses.asdict(config))
+        shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)
+        write_json(tmp / META_FILE, meta)
+
+
+def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(GPT in eval mode on `device`, its meta.json) from a folder written by `write_model_folder`."""
+    from daychat.model import GPT, GPTConfig
+
+    folder = Path(folder)
+    for name in (MODEL_FILE, CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder / name} not found: {folder} is not a finished model folder (run the pretrain stage)")
+    try:
+        config = GPTConfig(**json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+        with torch.device("meta"):
+            model = GPT(config)
+        model.to_empty(device=device)
+        model.init_weights()  # buffers (rotary tables); the weights come from the file
+        model.load_state_dict(torch.load(folder / MODEL_FILE, map_location=device, weights_only=True))
+    except (ValueError, TypeError, RuntimeError, KeyError) as e:
+        raise UserError(f"{folder} holds a model this code cannot load ({type(e).__name__}: {e}); "
+                        "rerun the pretrain stage") from None
+    meta_path = folder / META_FILE
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    return model.eval(), meta

@@ -1,0 +1,50 @@
+"""dedup stage: remove exact and MinHash near-duplicate documents from a text dataset.
+
+    python stages/dedup.py --data data/raw --out data/dedup --metrics reports/metrics/dedup.json
+
+Reads params.yaml's `dedup` section (the method, its four steps and the threshold math: daychat.data.dedup).
+Writes data/dedup/ as a whole: the kept documents in shards of the same names and splits as the input,
+manifest.json, and removed.parquet (one row per removed document: id, file, row, split, reason
+exact|near, jaccard, cluster, and the id/file/row of the document kept in its place). Flat metrics: see
+`DedupResult.metrics` (docs_in, docs_out, exact_duplicates, near_duplicates, docs_per_s, mb_per_s, the
+S-curve's est_false_positive_rate / est_false_negative_rate, candidate_pairs, verified_pairs, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from daychat.cli import run, status
+from daychat.data.dedup import dedup, lsh_error_rates
+from daychat.io import atomic_dir, write_metrics
+from daychat.params import load_section
+
+NAME = "dedup"
+
+
+def main() -> None:
+    args = parse_args()
+    p = load_section(NAME)
+    fp, fn = lsh_error_rates(p.threshold, p.bands, p.rows)
+    status(NAME, f"{args.data} -> {args.out}: {p.ngram}-{p.shingle} shingles, Jaccard >= {p.threshold}, "
+                 f"{p.bands} bands x {p.rows} rows (S-curve estimates: false positives {fp:.3f}, "
+                 f"false negatives {fn:.4f}){', verified exactly' if p.verify else ''}")
+    with atomic_dir(args.out) as tmp:
+        result = dedup(args.data, tmp, p)
+    metrics = result.metrics(p)
+    write_metrics(args.metrics, metrics)
+    status(NAME, result.summary())
+    status(NAME, f"{metrics['mb_per_s']:.1f} MB/s, {metrics['docs_per_s']:,.0f} docs/s "
+                 f"(signatures {metrics['signature_mb_per_s']:.1f} MB/s)")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="text dataset folder to read (manifest.json + parquet shards)")
+    parser.add_argument("--out", required=True, help="text dataset folder to write, with removed.parquet")
+    parser.add_argument("--metrics", required=True, help="flat metrics JSON to write")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    run(main, NAME)

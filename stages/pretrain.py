@@ -1,0 +1,181 @@
+"""pretrain stage: train the GPT on the token shards; resume after a crash or kill; write the base model.
+
+    python stages/pretrain.py --tokens data/tokens --tokenizer models/tokenizer --out models/base \
+        --checkpoints .cache/pretrain --live reports/pretrain --metrics reports/metrics/pretrain.json
+
+Reads params.yaml's `pretrain` section. Checkpoints go to <checkpoints>/<fingerprint>/, the fingerprint
+being a hash of the params that change what is trained, the token dataset's meta.json and the tokenizer:
+a rerun with the same inputs resumes the same run (same data order, same schedule), one with other
+params starts fresh beside it. The folder is not a pipeline output, because the engines delete outputs
+before they rerun a stage.
+
+Writes, at the end and each as a whole: models/base/ (model.pt, config.json, tokenizer/, meta.json; see
+daychat.train.checkpoint), step-wise dvclive TSVs under <live>/plots/metrics/, and flat metrics: val_bpb,
+train_loss, tokens, flops, tok_per_s, mfu, peak_mem_gib, steps, wall_s, crop_fraction, epochs, params.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+# The curriculum changes activation shapes mid-run; expandable segments keep the CUDA caching allocator
+# from fragmenting over them (nanochat sets the same). Read when CUDA first allocates, so set before.
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+
+from daychat.cli import run, status
+from daychat.data.loader import PackedLoader
+from daychat.data.tokens import META, TokenShards
+from daychat.errors import UserError
+from daychat.io import sha256_file, write_metrics
+from daychat.model import GPT, GPTConfig
+from daychat.optim import build_optimizers
+from daychat.params import load_section
+from daychat.tokenizer import Tokenizer
+from daychat.train.checkpoint import Checkpointer, run_fingerprint, write_model_folder
+from daychat.train.evaluate import evaluate_bpb, val_batches
+from daychat.train.loop import CheckpointPolicy, LoopSettings, Trainer, autocast_for
+from daychat.train.metrics import LiveLog, device_name, peak_flops
+from daychat.train.schedule import plan_batch, schedule_from_params
+
+NAME = "pretrain"
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    args = parse_args()
+    p = load_section(NAME)
+    train_shards, val_shards = TokenShards(args.tokens, "train"), TokenShards(args.tokens, "val")
+    tok = Tokenizer.load(args.tokenizer)
+    tokenizer_sha = sha256_file(Path(args.tokenizer) / "tokenizer.tiktoken")
+    if tokenizer_sha != train_shards.tokenizer_sha256:
+        raise UserError(f"{args.tokens} was encoded with another tokenizer than {args.tokenizer}; rerun the pretokenize stage")
+    device = pick_device(p.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
+
+    torch.manual_seed(p.seed)
+    curriculum = p.curriculum()
+    plan = plan_batch(p.total_batch, p.device_batch, [seq_len for _, seq_len in curriculum])
+    config = GPTConfig(vocab_size=tok.vocab_size, sequence_len=plan.max_seq_len, depth=p.depth,
+                       aspect_ratio=p.aspect_ratio, head_dim=p.head_dim, n_kv_head=p.n_kv_head or None,
+                       window_pattern=p.window_pattern, short_window=p.short_window, softcap=p.softcap)
+    with torch.device("meta"):  # shapes only; the weights are allocated once, on the device
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    counts = model.num_params()
+    optimizers = build_optimizers(model, matrix_lr=p.matrix_lr, embedding_lr=p.embedding_lr,
+                                  unembedding_lr=p.unembedding_lr, scalar_lr=p.scalar_lr,
+                                  weight_decay=p.weight_decay, adam_betas=(p.adam_beta1, p.adam_beta2))
+    schedule = schedule_from_params(p, counts["matmul"])
+    loader = PackedLoader(train_shards, seed=p.seed, shuffle=p.shuffle, buffer_docs=p.buffer_docs, device=device)
+
+    autocast = autocast_for(device, p.precision)
+    token_bytes = torch.tensor(tok.token_bytes(), device=device)
+
+    def evaluate(forward: torch.nn.Module) -> dict[str, float]:
+        batches = val_batches(val_shards, p.device_batch, plan.max_seq_len, p.eval_tokens, device)
+        return {"val/bpb": evaluate_bpb(forward, batches, token_bytes, autocast)}
+
+    params = dataclasses.asdict(p)
+    fingerprint = run_fingerprint({k: v for k, v in params.items() if k not in p.NOT_IN_FINGERPRINT},
+                                  sha256_file(Path(args.tokens) / META), tokenizer_sha)
+    checkpointer = Checkpointer(Path(args.checkpoints) / fingerprint, keep=p.keep_checkpoints)
+    peak, peak_source = peak_flops(device)
+    settings = LoopSettings(device=device, precision=p.precision, compile=p.compile, eval_every=p.eval_every,
+                            log_every=p.log_every, loss_spike=p.loss_spike, peak_flops=peak, section=NAME)
+    policy = CheckpointPolicy(checkpointer, every_steps=p.save_every, every_s=p.save_every_min * 60,
+                              extra={"params": params, "config": dataclasses.asdict(config)})
+    trainer = Trainer(model, optimizers, loader, schedule, plan, settings, evaluate=evaluate, checkpoints=policy)
+
+    status(NAME, f"d{p.depth} GPT, dim {config.model_dim}, {counts['total'] / 1e6:.2f}M params "
+                 f"({counts['matmul'] / 1e6:.2f}M in matmuls), {model.estimate_flops():.3g} FLOPs/token at T={plan.max_seq_len}")
+    status(NAME, f"{device_name(device)}; MFU against {peak_source}" + (f" = {peak / 1e12:.3g} TFLOPS" if peak else ""))
+    status(NAME, f"schedule: {schedule.describe()}")
+    status(NAME, f"batch: {p.total_batch:,} tokens a step = " + ", ".join(
+        f"{plan.accum_steps(t)} x {plan.rows(t)} rows of {t}" for t in sorted({t for _, t in curriculum})))
+    resumed = trainer.resume()
+    status(NAME, f"run {checkpointer.folder}: " + (f"resuming after step {resumed:,}" if resumed is not None else "fresh start"))
+
+    live = LiveLog(args.live)
+    live.replay(trainer.state.history)  # the curves start at step 0 even after a resume
+    trainer.log = live.log
+    state = trainer.run()
+    live.close()
+
+    metrics = {
+        "val_bpb": state.val.get("val/bpb"),
+        "train_loss": state.smooth_loss,
+        "tokens": state.tokens,
+        "flops": state.flops,
+        "tok_per_s": state.timed_tokens / state.timed_s if state.timed_s else None,
+        "mfu": state.timed_flops / state.timed_s / peak if state.timed_s and peak else None,
+        "peak_mem_gib": state.peak_mem_gib,
+        "steps": state.step,
+        "wall_s": state.elapsed_s,
+        "crop_fraction": loader.crop_fraction,
+        "epochs": loader.epochs,
+        "params": counts["total"],
+    }
+    meta = {
+        "params": params,
+        "config": dataclasses.asdict(config),
+        "num_params": counts,
+        "flops_per_token": {str(t): model.estimate_flops(t) for _, t in curriculum},
+        "code": code_version(),
+        "hardware": {"device": device_name(device), "peak_flops": peak, "peak_flops_source": peak_source,
+                     "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+                     "platform": platform.platform()},
+        "data": {"tokens": str(args.tokens), "tokens_meta_sha256": sha256_file(Path(args.tokens) / META),
+                 "tokenizer_sha256": tokenizer_sha, "train_tokens": train_shards.tokens, "val_tokens": val_shards.tokens},
+        "run": {"fingerprint": fingerprint, "schedule": schedule.describe()},
+        "metrics": metrics,
+    }
+    write_model_folder(args.out, model, config, meta, args.tokenizer)
+    write_metrics(args.metrics, metrics)
+    status(NAME, f"val bpb {metrics['val_bpb']:.4f} after {state.tokens:,} tokens in {state.step:,} steps "
+                 f"({state.elapsed_s / 60:.1f} min); model in {args.out}")
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("params.yaml: pretrain.device is cuda but no CUDA device is visible; use auto or cpu")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def code_version() -> dict:
+    """The git commit of the code that trained the model, and whether it had uncommitted changes."""
+    def git(*cmd: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *cmd], cwd=CODE_ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", required=True, help="token dataset folder (from the pretokenize stage)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (from the tokenizer stage)")
+    parser.add_argument("--out", required=True, help="model folder to write")
+    parser.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints (not a pipeline output)")
+    parser.add_argument("--live", required=True, help="dvclive folder for the step-wise curves")
+    parser.add_argument("--metrics", required=True, help="flat metrics JSON to write")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    run(main, NAME)

@@ -1,0 +1,50 @@
+"""quality stage: language ID, heuristic filters and a fastText quality classifier over a text dataset.
+
+    python stages/quality.py --data data/dedup --model-out models/quality --out data/filtered \
+        --cache .cache/download --metrics reports/metrics/quality.json
+
+Reads params.yaml's `quality` section (see daychat.data.quality for the three parts). Writes, each as a
+whole: data/filtered/ (the kept documents, same shards and split as the input, stripped of Gutenberg
+framing and boilerplate, + manifest.json, + dropped.parquet: the dropped documents with reason, value
+and detail, all or a seeded sample), models/quality/ (model.ftz or model.bin + meta.json; only
+meta.json when the classifier is off) and flat metrics: docs_in, docs_out, dropped_<reason> for every
+reason, stripped_chars, classifier_precision/recall on the held-out split, docs_per_s, mb_per_s, seconds.
+The cache folder (the download stage's) keeps classifier sources fetched over http(s).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from daychat.cli import run, status
+from daychat.data.quality import filter_dataset
+from daychat.io import atomic_dir, write_metrics
+from daychat.params import load_section
+
+NAME = "quality"
+
+
+def main() -> None:
+    args = parse_args()
+    p = load_section(NAME)
+    parts = [name for name, on in (("language ID", p.lid), (f"{len(p.heuristics)} heuristics", p.heuristics),
+                                   ("classifier", p.classifier)) if on]
+    status(NAME, f"{args.data} -> {args.out}: {', '.join(parts) or 'no filter'}")
+    with atomic_dir(args.model_out) as model_tmp, atomic_dir(args.out) as out_tmp:
+        result = filter_dataset(p, args.data, out_tmp, model_tmp, args.cache)
+    write_metrics(args.metrics, result.metrics())
+    status(NAME, result.summary())
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="text dataset to filter (manifest.json + parquet shards)")
+    parser.add_argument("--model-out", required=True, help="classifier folder to write (model + meta.json)")
+    parser.add_argument("--out", required=True, help="filtered text dataset folder to write")
+    parser.add_argument("--cache", default=".cache/download", help="download cache for http(s) classifier sources")
+    parser.add_argument("--metrics", required=True, help="flat metrics JSON to write")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    run(main, NAME)
