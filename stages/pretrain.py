@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
-import subprocess
 from pathlib import Path
 
 # The curriculum changes activation shapes mid-run; expandable segments keep the CUDA caching allocator
@@ -29,6 +27,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
+from daychat import provenance
 from daychat.cli import run, status
 from daychat.data.loader import PackedLoader
 from daychat.data.tokens import META, TokenShards
@@ -45,7 +44,6 @@ from daychat.train.metrics import LiveLog, device_name, peak_flops
 from daychat.train.schedule import plan_batch, schedule_from_params
 
 NAME = "pretrain"
-CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -129,10 +127,10 @@ def main() -> None:
         "config": dataclasses.asdict(config),
         "num_params": counts,
         "flops_per_token": {str(t): model.estimate_flops(t) for _, t in curriculum},
-        "code": code_version(),
-        "hardware": {"device": device_name(device), "peak_flops": peak, "peak_flops_source": peak_source,
-                     "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                     "platform": platform.platform()},
+        "code": provenance.code_version(),
+        "libraries": provenance.library_versions(),
+        "hardware": {**provenance.hardware(gpu=device.type == "cuda"), "device": device_name(device),
+                     "peak_flops": peak, "peak_flops_source": peak_source},
         "data": {"tokens": str(args.tokens), "tokens_meta_sha256": sha256_file(Path(args.tokens) / META),
                  "tokenizer_sha256": tokenizer_sha, "train_tokens": train_shards.tokens, "val_tokens": val_shards.tokens},
         "run": {"fingerprint": fingerprint, "schedule": schedule.describe()},
@@ -150,20 +148,6 @@ def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
-
-
-def code_version() -> dict:
-    """The git commit of the code that trained the model, and whether it had uncommitted changes."""
-    def git(*cmd: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *cmd], cwd=CODE_ROOT, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
 
 
 def parse_args() -> argparse.Namespace:

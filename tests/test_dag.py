@@ -62,7 +62,7 @@ def test_dvc_yaml_conventions():
     for stage in dag.load_stages(ROOT):
         script = f"stages/{stage.name}.py"
         assert script in stage.deps and stage.cmd.startswith(f"python {script} "), stage.name
-        assert stage.metrics == [f"reports/metrics/{stage.name}.json"], stage.name
+        assert len(stage.metrics) == 1 and stage.metrics[0].startswith("reports/metrics/"), stage.name
         produced = {o for s in dag.load_stages(ROOT) for o in s.outputs}
         for dep in stage.deps:
             if dep not in produced:  # code: a file (Snakemake sees a folder's mtime, not its content)

@@ -60,8 +60,8 @@ def test_snakemake_runs_the_dag_and_dvc_agrees(ws):
     snakemake(ws, "all")
     all_stages = {s.name for s in dag.load_stages(ws) if not s.on_demand}
     assert set(stamps(ws)) == all_stages
-    for stage in all_stages:
-        metrics = json.loads((ws / "reports" / "metrics" / f"{stage}.json").read_text())
+    for stage in dag.load_stages(ws):
+        metrics = json.loads((ws / stage.metrics[0]).read_text())
         assert metrics and all(not isinstance(v, (dict, list)) for v in metrics.values())
     assert json.loads((ws / "reports/metrics/tokenizer.json").read_text())["vocab_size"] == 512
     assert_dvc_clean(ws)  # the Snakefile's onsuccess committed what it ran into dvc.lock
@@ -82,7 +82,7 @@ def downstream_of(ws: Path, stage: str) -> set[str]:
 
 
 @pytest.mark.parametrize("section, key, value", [
-    ("tokenizer", "vocab_size", 600),       # -> tokenizer, pretokenize, pretrain
+    ("tokenizer", "vocab_size", 600),       # -> tokenizer, pretokenize and everything after
     ("quality", "min_words", 40),           # -> quality and everything after it
     ("dedup", "threshold", 0.75),           # -> dedup and everything after it
 ])
@@ -99,7 +99,7 @@ def test_vocab_edit_reruns_exactly_tokenizer_and_downstream_under_dvc(ws):
     set_param(ws, "tokenizer", "vocab_size", 700)
     out = dvc(ws, "repro")
     expected = downstream_of(ws, "tokenizer")
-    assert expected == {"tokenizer", "pretokenize", "pretrain"}
+    assert {"pretokenize", "pretrain"} <= expected and not expected & {"download", "dedup", "quality"}
     assert set(re.findall(r"Running stage '(\w+)'", out)) == expected
     assert ran(before, stamps(ws)) == expected
     assert "didn't change, skipping" in out  # download, dedup, quality

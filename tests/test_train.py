@@ -452,7 +452,7 @@ def test_stage_writes_the_model_metrics_and_curves_and_beats_the_unigram_entropy
     assert {p.name for p in base.iterdir()} == {"model.pt", "config.json", "meta.json", "tokenizer"}
     meta = json.loads((base / "meta.json").read_text())
     assert meta["params"]["depth"] == yaml.safe_load((ws / "params.yaml").read_text())["pretrain"]["depth"]
-    assert {"commit", "dirty"} <= set(meta["code"]) and meta["hardware"]["torch"] == torch.__version__
+    assert {"commit", "dirty"} <= set(meta["code"]) and meta["libraries"]["torch"] == torch.__version__
     metrics = json.loads((ws / "reports" / "metrics" / "pretrain.json").read_text())
     assert {"val_bpb", "train_loss", "tokens", "flops", "tok_per_s", "mfu", "peak_mem_gib", "steps", "wall_s",
             "crop_fraction", "epochs"} <= set(metrics)

@@ -117,6 +117,8 @@ def summary(ws: Path, seconds: float) -> str:
         data = json.loads(path.read_text())
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(data.items())[:6])
         lines.append(f"    {path.stem:<12} {shown}")
+    if (ws / "reports" / "report.md").is_file():
+        lines.append(f"  report: {_rel(ws / 'reports' / 'report.md')}  (open it: what each stage kept, learned, said and cost)")
     return "\n".join(lines)
 
 

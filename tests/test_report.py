@@ -1,0 +1,208 @@
+"""The report stage renders whatever ran (and says what did not), its plots are real PNGs, provenance records
+the code's commit and dirty state, and two `dvc exp run -S` experiments on the ci recipe compare in
+`dvc exp show`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daychat import provenance
+from daychat.params import ReportParams
+from daychat.report import ReportInputs, collect, render
+from workflow import workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert len(data) > 5000, f"{path} is only {len(data)} bytes: an empty plot?"
+
+
+def report_stage(ws: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "stages" / "report.py"), "--metrics-dir", "reports/metrics",
+           "--curves", "reports/pretrain/plots/metrics", "--base", "models/base", "--out", "reports/report",
+           "--md", "reports/report.md", "--metrics", "reports/metrics/report.json", "--dvc-yaml", str(ROOT / "dvc.yaml"),
+           *extra]
+    result = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, env=workspace.tool_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+DATA_METRICS = {
+    "download": {"docs": 900, "chars": 4_000_000, "bytes": 1_400_000, "seconds": 7.0},
+    "dedup": {"docs_in": 900, "docs_out": 880, "exact_duplicates": 12, "near_duplicates": 8,
+              "chars_in": 4_000_000, "chars_out": 3_900_000, "seconds": 0.8},
+    "quality": {"docs_in": 880, "docs_out": 520, "dropped_too_short": 100, "dropped_language": 70,
+                "dropped_dup_ngrams": 90, "dropped_classifier": 100, "chars_out": 2_000_000, "seconds": 10.2},
+}
+
+
+def write_curves(folder: Path, steps: int = 40) -> None:
+    """dvclive's layout: one `step<TAB>name` TSV per metric."""
+    curves = {"train/loss": lambda s: 8.0 - 3.0 * s / steps, "train/loss_smooth": lambda s: 8.2 - 3.0 * s / steps,
+              "val/bpb": lambda s: 3.0 - s / steps, "perf/tok_per_s": lambda s: 9000.0 + 10 * (s % 7),
+              "perf/mfu": lambda s: 0.3 + 0.001 * (s % 5), "perf/peak_mem_gib": lambda s: 1.5,
+              "time/elapsed_h": lambda s: s / 3600.0, "train/lrm": lambda s: min(1.0, 2.0 - 2.0 * s / steps)}
+    for name, f in curves.items():
+        path = folder / f"{name}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = range(0, steps + 1, 10) if name == "val/bpb" else range(1, steps + 1)
+        path.write_text(f"step\t{name.split('/')[-1]}\n" + "".join(f"{s}\t{f(s)}\n" for s in rows))
+
+
+def test_partial_workspace_reports_what_is_missing(tmp_path):
+    for stage, metrics in DATA_METRICS.items():
+        write_json(tmp_path / "reports" / "metrics" / f"{stage}.json", metrics)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": {"prompts": ["Hello"], "budget_h": 24.0}}))
+    out = report_stage(tmp_path).stdout
+    assert "report:" in out and "3 stages ran" in out  # the person running it sees where the report is
+
+    md = (tmp_path / "reports" / "report.md").read_text()
+    missing = md.split("## Missing stages")[1].split("##")[0]
+    for stage in ("tokenizer", "pretokenize", "pretrain", "core_eval"):
+        assert f"**{stage}**" in missing
+    assert "**download**" not in missing
+    assert "quality: too short" in md and "No base model to sample from" in md
+    assert "![data funnel](report/funnel.png)" in md
+    assert_png(tmp_path / "reports" / "report" / "funnel.png")
+    assert_png(tmp_path / "reports" / "report" / "budget.png")
+    assert not (tmp_path / "reports" / "report" / "training_steps.png").exists()
+    summary = json.loads((tmp_path / "reports" / "metrics" / "report.json").read_text())
+    assert summary["stages_done"] == 3 and summary["stages_missing"] >= 4 and summary["val_bpb"] is None
+
+
+def test_curves_and_core_subset_render(tmp_path):
+    metrics = tmp_path / "metrics"
+    for stage, data in DATA_METRICS.items():
+        write_json(metrics / f"{stage}.json", data)
+    write_json(metrics / "pretrain.json", {"val_bpb": 2.0, "flops": 1e13, "wall_s": 90.0, "tok_per_s": 8000.0})
+    write_json(metrics / "core.json", {"core_subset": 0.12, "acc_hellaswag": 0.3, "centered_hellaswag": 0.07,
+                                       "acc_arc_easy": 0.5, "centered_arc_easy": 0.33, "seconds": 60.0})
+    write_json(tmp_path / "core" / "tasks.json", {"hellaswag": {"acc": 0.3, "shots": 10, "examples": 500},
+                                                  "arc_easy": {"acc": 0.5, "shots": 10, "examples": 300}})
+    write_curves(tmp_path / "curves")
+    collected = collect(ReportInputs(metrics_dir=metrics, curves=tmp_path / "curves",
+                                     core_tasks=tmp_path / "core" / "tasks.json", dvc_yaml=ROOT / "dvc.yaml"))
+    assert collected.curves["val/bpb"][0][:2] == [0.0, 10.0]
+    out, md = tmp_path / "report", tmp_path / "report.md"
+    summary = render(collected, {}, ReportParams(), out, md)
+
+    for name in ("funnel", "training_steps", "training_time", "core", "budget"):
+        assert_png(out / f"{name}.png")
+    assert summary["plots"] == 5 and summary["core"] == 0.12
+    text = md.read_text()
+    assert "CORE on a subset of the tasks: 0.12" in text
+    assert "| hellaswag | 0.3 | 0.07 | 500 | 10 |" in text  # tasks.json's details beside the scores
+    assert "**core_eval**" not in text.split("## Missing stages")[1]
+    budget = text.split("## Time and compute budget")[1].split("##")[0]
+    assert "| pretrain | 1.5 min | 0.10% | 1.000e+13 |" in budget
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_provenance_records_commit_dirty_versions_hardware(tmp_path):
+    assert provenance.code_version(tmp_path)["commit"] is None  # not a checkout: None, no exception
+    git(tmp_path, "init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git(tmp_path, "add", "a.py")
+    git(tmp_path, "commit", "-q", "-m", "a")
+    clean = provenance.code_version(tmp_path)
+    assert len(clean["commit"]) == 40 and clean["dirty"] is False
+    (tmp_path / "scratch.txt").write_text("untracked files do not make the code dirty")
+    assert provenance.code_version(tmp_path)["dirty"] is False
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert provenance.code_version(tmp_path) == {**clean, "dirty": True, "describe": clean["describe"] + "-dirty"}
+
+    versions = provenance.library_versions()
+    for name in ("python", "torch", "numpy", "tiktoken", "snakemake", "dvc"):
+        assert versions[name], name
+    assert "cuda" in versions  # None on a CPU build of torch, the CUDA version otherwise
+    hw = provenance.hardware()
+    assert hw["cpu"] and hw["cpu_cores"] >= 1 and hw["ram_gib"] > 0
+    assert "GiB RAM" in provenance.hardware_line(hw)
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("{}")
+    (tmp_path / "data" / "shard.bin").write_bytes(b"0" * 10)
+    hashes = provenance.input_hashes([tmp_path / "data", tmp_path / "a.py", tmp_path / "absent"])
+    assert hashes[str(tmp_path / "data")] == provenance.sha256_path(tmp_path / "data" / "manifest.json")
+    assert hashes[str(tmp_path / "absent")] is None
+    assert provenance.params_digest({"a": 1, "b": [2]}) == provenance.params_digest({"b": [2], "a": 1})
+    record = provenance.provenance(params={"a": 1}, gpu=False)
+    assert {"date", "code", "libraries", "hardware", "params_digest"} <= set(record)
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end on the ci recipe (slow): two experiments, then the report of the finished workspace.
+
+
+def dvc(ws: Path, *args: str) -> str:
+    result = subprocess.run(["dvc", *args], cwd=ws, capture_output=True, text=True, env=workspace.tool_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def experiments(node, found: dict) -> dict:
+    """{experiment name or rev: its pretrain metrics}, from `dvc exp show --json`'s nested records."""
+    if isinstance(node, list):
+        for item in node:
+            experiments(item, found)
+    elif isinstance(node, dict):
+        metrics = ((node.get("data") or {}).get("metrics") or {}).get("reports/metrics/pretrain.json")
+        if metrics and node.get("rev") != "workspace":
+            found[node.get("name") or node.get("rev")] = metrics.get("data") or {}
+        for value in node.values():
+            if isinstance(value, (dict, list)):
+                experiments(value, found)
+    return found
+
+
+@pytest.fixture(scope="module")
+def ci_with_experiments(tmp_path_factory) -> tuple[Path, dict]:
+    ws = workspace.sync("ci", tmp_path_factory.mktemp("report") / "ci")
+    # 10 steps each (the recipe trains 80), evaluated once at the end: the experiments differ, fast. Only
+    # pretrain and what it depends on run (the first experiment runs the data stages, the second reuses them).
+    short = ["-S", "pretrain.tokens=20480", "-S", "pretrain.eval_every=0", "-S", "pretrain.save_every=0"]
+    for lr in ("0.01", "0.08"):
+        dvc(ws, "exp", "run", "pretrain", "--name", f"lr{lr.replace('.', '')}", *short, "-S", f"pretrain.matrix_lr={lr}")
+    return ws, experiments(json.loads(dvc(ws, "exp", "show", "--json")), {})
+
+
+@pytest.mark.slow
+def test_two_experiments_show_different_val_bpb(ci_with_experiments):
+    _, found = ci_with_experiments
+    assert {"lr001", "lr008"} <= set(found), found.keys()
+    bpb = {name: found[name]["val_bpb"] for name in ("lr001", "lr008")}
+    assert all(isinstance(v, float) for v in bpb.values()) and bpb["lr001"] != bpb["lr008"], bpb
+    for key in ("tok_per_s", "mfu", "peak_mem_gib", "wall_s"):  # the columns `dvc exp show` lists
+        assert key in found["lr001"]
+
+
+@pytest.mark.slow
+def test_report_on_the_full_ci_workspace(ci_with_experiments):
+    ws, _ = ci_with_experiments
+    out = report_stage(ws, "--dropped", "data/filtered/dropped.parquet", "--dvc-lock", "dvc.lock").stdout
+    assert "val bpb" in out
+    md = (ws / "reports" / "report.md").read_text()
+    assert "### base model (`models/base`)" in md and "**def main():**" in md
+    assert "one dropped document per reason" in md and "output hashes (dvc.lock md5)" in md
+    missing = md.split("## Missing stages")[1].split("##")[0]
+    for stage in ("download", "dedup", "quality", "tokenizer", "pretokenize", "pretrain"):
+        assert f"**{stage}**" not in missing
+    for name in ("funnel", "training_steps", "training_time", "budget"):
+        assert_png(ws / "reports" / "report" / f"{name}.png")
