@@ -200,10 +200,18 @@ class PretrainParams:
     save_every_min: float = knob(30.0, min=0.0)  # minutes between checkpoints (0 = off)
     keep_checkpoints: int = knob(2, min=1)
     loss_spike: float = knob(3.0, min=0.0)  # stop when a step's loss > this x the smoothed loss (0 = off)
+    # A CORE proxy during training (daychat.eval.core on at most core_max_per_task items per task), at
+    # every core_every-th evaluation, logged as the curve core/proxy. Its own bundle source (url | local |
+    # demo, as core_eval.source; "" = off) so that editing the core_eval section never reruns pretraining.
+    core_source: str = knob("", choices=("", "url", "local", "demo"))
+    core_path: str = ""  # core_source: local
+    core_every: int = knob(1, min=1)
+    core_max_per_task: int = knob(50, min=1)
 
     # Keys that do not change what is trained: editing them resumes the same run instead of starting over.
     NOT_IN_FINGERPRINT = ("eval_every", "eval_tokens", "log_every", "save_every", "save_every_min",
-                          "keep_checkpoints", "loss_spike")
+                          "keep_checkpoints", "loss_spike", "core_source", "core_path", "core_every",
+                          "core_max_per_task")
 
     def curriculum(self) -> list[tuple[float, int]]:
         return [(float(fraction), int(seq_len)) for fraction, seq_len in self.seq_len]

@@ -32,6 +32,8 @@ from daychat.cli import run, status
 from daychat.data.loader import PackedLoader
 from daychat.data.tokens import META, TokenShards
 from daychat.errors import UserError
+from daychat.eval.bundle import load_bundle, resolve
+from daychat.eval.core import evaluate_core, model_fn
 from daychat.io import sha256_file, write_metrics
 from daychat.model import GPT, GPTConfig
 from daychat.optim import build_optimizers
@@ -78,9 +80,23 @@ def main() -> None:
     autocast = autocast_for(device, p.precision)
     token_bytes = torch.tensor(tok.token_bytes(), device=device)
 
+    core_tasks = load_bundle(resolve(p.core_source, args.eval_cache, path=p.core_path)) if p.core_source else []
+    evaluations = 0
+
     def evaluate(forward: torch.nn.Module) -> dict[str, float]:
+        nonlocal evaluations
         batches = val_batches(val_shards, p.device_batch, plan.max_seq_len, p.eval_tokens, device)
-        return {"val/bpb": evaluate_bpb(forward, batches, token_bytes, autocast)}
+        results = {"val/bpb": evaluate_bpb(forward, batches, token_bytes, autocast)}
+        if core_tasks and evaluations % p.core_every == 0:
+            # The plain model, not the compiled one: CORE's batches come in every shape, and each new
+            # shape would recompile it.
+            model.eval()
+            proxy = evaluate_core(model_fn(model), tok, core_tasks, p.core_max_per_task, device,
+                                  max_seq_len=plan.max_seq_len)
+            model.train()
+            results["core/proxy"] = proxy["core"]
+        evaluations += 1
+        return results
 
     params = dataclasses.asdict(p)
     fingerprint = run_fingerprint({k: v for k, v in params.items() if k not in p.NOT_IN_FINGERPRINT},
@@ -157,6 +173,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="model folder to write")
     parser.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints (not a pipeline output)")
     parser.add_argument("--live", required=True, help="dvclive folder for the step-wise curves")
+    parser.add_argument("--eval-cache", default=".cache/eval_bundle",
+                        help="where the CORE proxy's bundle is downloaded or built (pretrain.core_source)")
     parser.add_argument("--metrics", required=True, help="flat metrics JSON to write")
     return parser.parse_args()
 

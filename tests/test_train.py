@@ -435,6 +435,11 @@ def ci_workspace(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pretrained(ci_workspace) -> Path:
+    # With the CORE proxy on (2 items per task of the real bundle): it must not change what is trained.
+    params = yaml.safe_load((ci_workspace / "params.yaml").read_text())
+    params["pretrain"].update(core_source="local", core_path=str(ROOT.parent / "shared/data/eval_bundle"),
+                              core_max_per_task=2, core_every=1)
+    (ci_workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = subprocess.run(pretrain_cmd(), cwd=ci_workspace, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return ci_workspace
@@ -461,6 +466,8 @@ def test_stage_writes_the_model_metrics_and_curves_and_beats_the_unigram_entropy
     losses = read_tsv(curves / "train" / "loss.tsv")
     assert len(losses) == metrics["steps"] // meta["params"]["log_every"] and max(losses) == metrics["steps"]
     assert set(read_tsv(curves / "val" / "bpb.tsv")) >= {0, metrics["steps"]}
+    proxy = read_tsv(curves / "core" / "proxy.tsv")  # the CORE proxy, at every evaluation
+    assert set(proxy) == set(read_tsv(curves / "val" / "bpb.tsv")) and all(-1 <= v <= 1 for v in proxy.values())
 
     # Below the entropy of the training tokens' unigram distribution, and clearly below what any context-free
     # model can score on the validation text (its own unigram entropy).

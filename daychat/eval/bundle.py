@@ -126,7 +126,8 @@ def resolve(source: str, cache: str | os.PathLike, *, path: str = "", url: str =
     if source == "local":
         root = Path(path)
         if not root.is_dir():
-            raise UserError(f"eval bundle folder {root} not found (core_eval.path in params.yaml)")
+            raise UserError(f"eval bundle folder {root} not found (the bundle path in params.yaml: core_eval.path, "
+                            "or pretrain.core_path for the proxy)")
         return root
     if source == "demo":
         return materialize_demo(Path(cache))
