@@ -9,17 +9,14 @@ and rendering included. Results are merged into reports/bench/core.json under "c
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from bench import record
 from daychat.eval.bundle import load_bundle
 from daychat.eval.core import evaluate_core
-from daychat.io import write_json
 from daychat.model import GPT, GPTConfig
 from daychat.tokenizer import Tokenizer
 
@@ -45,11 +42,8 @@ def main() -> None:
                 "examples_per_s": round(result["examples_per_s"], 1), "per_task": PER_TASK, "batch_size": BATCH,
                 "model": "depth 2, dim 64, context 256, vocab 400", "threads": torch.get_num_threads(),
                 "full_bundle_items": full_items,
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    data = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    data["cpu_tiny"] = cpu_tiny
-    write_json(OUT, data)
+                }
+    record(OUT, {"cpu_tiny": cpu_tiny})
     print(json.dumps(cpu_tiny, indent=2))
 
 

@@ -8,8 +8,6 @@ figure includes the `dvc commit` that the Snakefile's onsuccess runs.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -17,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from daychat.io import write_json
+from bench import record
 from workflow import dag, workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,12 +45,8 @@ def main() -> None:
             "noop_snakemake": timed(snakemake, ws),
             "noop_dvc_repro": timed(["dvc", "repro"], ws),
             "goal_s": 2.0,
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-    data = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    data["dag"] = result
-    write_json(OUT, data)
+    record(OUT, {"dag": result})
     print(json.dumps(result, indent=2))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from bench import record
 from daychat.data.textshards import ShardInfo, verify_parquet, write_manifest
-from daychat.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "gutenberg"
@@ -44,12 +43,7 @@ def main() -> None:
         link_dataset(all_shards, tmp / "ws/data/raw")
         link_dataset([all_shards[0], all_shards[-1]], tmp / "ws2/data/raw")
         results = {"tokenizer": bench_tokenizer(tmp / "ws"), "pretokenize": bench_pretokenize(tmp / "ws", tmp / "ws2")}
-    stamp = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    data = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    for key, result in results.items():
-        data[key] = {**result, **stamp}
-    write_json(OUT, data)
+    record(OUT, results)
     print(json.dumps(results, indent=2))
 
 

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.data import link_dataset, measure, write_params
+from bench import record
 from daychat.data.textshards import ShardInfo, ShardWriter, verify_parquet, write_manifest
-from daychat.io import write_json
 from daychat.params import defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +63,7 @@ def main() -> None:
         "reference_datatrove_signature_mb_per_s": {"gutenberg": 1.3, "mixed": 0.5},
         "reference_datasketch_xxhash_mb_per_s": 9.0,
     })
-    stamp = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    data = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    data["dedup"] = {**results, **stamp}
-    write_json(OUT, data)
+    record(OUT, {"dedup": results})
     print(json.dumps(results, indent=2))
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench import record
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "bench" / "pretrain.json"
@@ -161,15 +161,8 @@ def main() -> None:
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{name}: {json.dumps(results[name])}", flush=True)
 
-    stamp = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    data = json.loads(OUT.read_text()) if OUT.is_file() else {}
     kind = "cuda" if cuda else "cpu"
-    for name, result in results.items():
-        data[f"{kind}/{name}"] = {**result, **stamp}
-    from daychat.io import write_json
-
-    write_json(OUT, data)
+    record(OUT, {f"{kind}/{name}": result for name, result in results.items()})
 
 
 if __name__ == "__main__":

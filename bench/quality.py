@@ -18,18 +18,15 @@ Results are merged into reports/bench/data.json under "quality"; other benchmark
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 from bench.data import link_dataset, measure, write_params
+from bench import record
 from daychat.data.quality import ALL_REASONS
-from daychat.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -54,11 +51,7 @@ def main() -> None:
             link_dataset(sorted((SHARED / "corpus" / corpus).resolve().glob("*.parquet")), ws / "data/dedup")
             write_params(ws, quality=params)
             results[corpus] = run_stage(ws)
-    stamp = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    data = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    data["quality"] = {**results, **stamp}
-    write_json(OUT, data)
+    record(OUT, {"quality": results})
     print(json.dumps({k: v for k, v in results.items() if k != "params"}, indent=2))
 
 

@@ -91,7 +91,7 @@ def unique_tokens(tmp_path_factory) -> TokenShards:
 
 def doc_pieces(row: np.ndarray) -> list[tuple[int, int, int]]:
     """(doc, first position, last position) of each document piece in a row of unique tokens."""
-    pieces, start = [], 0
+    pieces = []
     bos = np.flatnonzero(row == 0).tolist() + [len(row)]
     for a, b in zip(bos[:-1], bos[1:]):
         body = row[a + 1:b]

@@ -33,7 +33,6 @@ This file imports nothing from daychat and touches no CUDA at import.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
