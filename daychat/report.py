@@ -176,14 +176,14 @@ def collect(inputs: ReportInputs) -> Collected:
 
 def sample_models(models: dict[str, Path], p: Any) -> dict[str, list[tuple[str, str]] | str]:
     """{model: [(prompt, continuation)]} for the params' prompts, or {model: why not} when it cannot load."""
-    import torch
 
     from daychat.errors import UserError
     from daychat.sample import generate
     from daychat.tokenizer import Tokenizer
     from daychat.train.checkpoint import TOKENIZER_DIR, load_model_folder
+    from daychat.train.metrics import pick_device
 
-    device = "cuda" if p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = pick_device(p.device, "report.device")
     out: dict[str, list[tuple[str, str]] | str] = {}
     for name, folder in models.items():
         try:

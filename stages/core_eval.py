@@ -15,7 +15,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 
 from daychat.cli import run, status
 from daychat.eval.bundle import label as bundle_label, load_bundle, resolve
@@ -24,6 +23,7 @@ from daychat.io import atomic_dir, write_json, write_metrics
 from daychat.params import load_section
 from daychat.tokenizer import Tokenizer
 from daychat.train.checkpoint import TOKENIZER_DIR, load_model_folder
+from daychat.train.metrics import pick_device
 
 NAME = "core_eval"
 
@@ -32,7 +32,7 @@ def main() -> None:
     t0 = time.perf_counter()
     args = parse_args()
     p = load_section(NAME)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device)
+    device = pick_device(p.device, "core_eval.device")
     root = resolve(p.source, args.cache, path=p.path, url=p.url, sha256=p.sha256, retries=p.retries, timeout_s=p.timeout_s)
     tasks = load_bundle(root)
     name = bundle_label(p.source, p.max_per_task)

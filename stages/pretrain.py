@@ -42,7 +42,7 @@ from daychat.tokenizer import Tokenizer
 from daychat.train.checkpoint import Checkpointer, run_fingerprint, write_model_folder
 from daychat.train.evaluate import evaluate_bpb, val_batches
 from daychat.train.loop import CheckpointPolicy, LoopSettings, Trainer, autocast_for
-from daychat.train.metrics import LiveLog, device_name, peak_flops
+from daychat.train.metrics import LiveLog, device_name, peak_flops, pick_device
 from daychat.train.schedule import plan_batch, schedule_from_params
 
 NAME = "pretrain"
@@ -56,7 +56,7 @@ def main() -> None:
     tokenizer_sha = sha256_file(Path(args.tokenizer) / "tokenizer.tiktoken")
     if tokenizer_sha != train_shards.tokenizer_sha256:
         raise UserError(f"{args.tokens} was encoded with another tokenizer than {args.tokenizer}; rerun the pretokenize stage")
-    device = pick_device(p.device)
+    device = pick_device(p.device, "pretrain.device")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
 
@@ -156,14 +156,6 @@ def main() -> None:
     write_metrics(args.metrics, metrics)
     status(NAME, f"val bpb {metrics['val_bpb']:.4f} after {state.tokens:,} tokens in {state.step:,} steps "
                  f"({state.elapsed_s / 60:.1f} min); model in {args.out}")
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("params.yaml: pretrain.device is cuda but no CUDA device is visible; use auto or cpu")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
 
 
 def parse_args() -> argparse.Namespace:

@@ -13,17 +13,8 @@ from daychat.model.gpt import GPT, GPTConfig, causal_attention, sliding_window_b
 from daychat.optim import build_optimizers
 
 # flex_attention outside torch.compile (the CPU test path) warns that it is unfused; that is the point here
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier waits (10x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+              pytest.mark.usefixtures("one_thread")]  # see conftest.one_thread
 
 def tiny(**kw) -> GPTConfig:
     base = dict(vocab_size=64, sequence_len=32, depth=2, aspect_ratio=32, head_dim=16)

@@ -10,14 +10,7 @@ from daychat.optim import (Muon, build_optimizers, orthogonalize, set_lr_multipl
                            set_weight_decay_multiplier)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier waits (10x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 def conditioned(m: int, n: int, cond: float, batch: tuple = (), seed: int = 0):
     """A matrix U diag(s) V^T with known singular vectors and singular values log-spaced in [1/cond, 1]."""

@@ -22,7 +22,18 @@ from typing import Iterable
 
 import torch
 
+from daychat.errors import UserError
 from daychat.model.accounting import peak_bf16_flops
+
+
+def pick_device(choice: str, key: str) -> torch.device:
+    """The device a `device: auto | cuda | cpu` param names; `key` (e.g. "pretrain.device") is the param,
+    named in the one-line error when it asks for CUDA on a machine without it."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"params.yaml: {key} is cuda but no CUDA device is visible; use auto or cpu")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
 
 
 def device_name(device: torch.device) -> str:
