@@ -7,7 +7,7 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 CORES      ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup demo test bench clean-demo
+.PHONY: setup setup-cluster demo test bench plan sweep chat clean-demo
 
 setup: $(VENV)/.daychat-installed
 
@@ -21,6 +21,9 @@ $(VENV)/.daychat-installed: pyproject.toml
 	@$(PY) -c "import fasttext; fasttext.train_supervised" 2>/dev/null || $(PY) -m pip install -q --force-reinstall --no-deps fasttext-numpy2
 	@touch $@
 
+setup-cluster: setup
+	$(PY) -m pip install -q -e ".[dev,cluster]"
+
 demo: setup
 	$(PY) -m workflow.workspace run demo --cores $(CORES)
 
@@ -32,7 +35,24 @@ bench: setup
 	$(PY) -m bench.dedup
 	$(PY) -m bench.quality
 	$(PY) -m bench.pretrain
+	$(PY) -m bench.memory
 	$(PY) -m bench.dag
+
+# The 24 h recipe for a card (CARD=rtx4090 HOURS=24; add PROBE=reports/metrics/probe.json once measured).
+CARD  ?= rtx4090
+HOURS ?= 24
+plan: setup
+	$(PY) -m daychat.plan --card $(CARD) --hours $(HOURS) $(if $(PROBE),--probe $(PROBE)) \
+		--out-recipe workflow/recipes/$(CARD)-$(HOURS)h.yaml --report reports/plan.md
+
+# Loss against compute on a family of small CPU runs, projected to the 24 h budget (reports/scaling.md).
+sweep: setup
+	$(PY) -m workflow.sweep --source ../shared/data/corpus/mixed --workspace runs/sweep-mixed \
+		--budgets 1e11,2e11,4e11,8e11,1.6e12,3.2e12,6.4e12
+
+# Talk to a model: make chat (models/sft of the root run), or MODEL=runs/demo/models/sft.
+chat: setup
+	$(PY) -m daychat.chat --model $(or $(MODEL),models/sft)
 
 clean-demo:
 	rm -rf runs/demo

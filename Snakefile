@@ -46,6 +46,7 @@ for _stage in _STAGES:
 onsuccess:
     # Record what Snakemake just brought up to date in dvc.lock, so `dvc status` agrees. Only the stages
     # of this run's DAG: committing a stage that was not checked could bless stale outputs.
-    done = sorted({job.rule.name for job in workflow.dag.jobs} & {s.name for s in _STAGES})
+    ran = {job.rule.name for job in workflow.dag.jobs}
+    done = sorted(s.address for s in _STAGES if s.name in ran)
     if done:
         subprocess.run(["dvc", "commit", "--force", "--quiet", *done], check=True)

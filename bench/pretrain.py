@@ -53,34 +53,13 @@ def recipe_config() -> dict:
                 scalar_lr=p.scalar_lr, weight_decay=p.weight_decay)
 
 
-class RandomBatches:
-    """Random token rows generated on the device: the model's speed, not the loader's."""
-
-    def __init__(self, vocab_size: int, device):
-        import torch
-
-        self.vocab_size, self.device = vocab_size, device
-        self.generator = torch.Generator(device=device).manual_seed(0)
-
-    def next_batch(self, rows: int, seq_len: int):
-        import torch
-
-        tokens = torch.randint(0, self.vocab_size, (rows, seq_len + 1), device=self.device, generator=self.generator)
-        return tokens[:, :-1], tokens[:, 1:]
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
 def measure(name: str, steps: int) -> dict:
     """Time `steps` training steps of config `name` on this process's device."""
     import torch
 
     from daychat.model import GPT, GPTConfig
     from daychat.optim import build_optimizers
+    from daychat.plan.probe import RandomBatches
     from daychat.train.loop import LoopSettings, Trainer
     from daychat.train.metrics import device_name, peak_flops, peak_memory_gib
     from daychat.train.schedule import BatchPlan, Horizon, Schedule

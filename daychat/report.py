@@ -41,6 +41,7 @@ HEADLINES: dict[str, list[str]] = {
     "download": ["docs", "chars"], "dedup": ["removed_fraction", "docs_out"], "quality": ["docs_out", "chars_out"],
     "tokenizer": ["vocab_size", "bytes_per_token"], "pretokenize": ["train_tokens", "val_tokens"],
     "pretrain": ["val_bpb", "tok_per_s", "mfu"], "core_eval": ["core", "core_subset"],
+    "sft": ["val_loss", "train_loss"], "chat_eval": ["chatcore", "chatcore_subset"],
 }
 
 # Training panels: (title, [curve names under plots/metrics/]); a panel with no data is left out.
@@ -58,6 +59,7 @@ PANELS: list[tuple[str, list[str]]] = [
 class ReportInputs:
     metrics_dir: Path
     curves: Path | None = None  # pretrain's dvclive folder (…/plots/metrics)
+    sft_curves: Path | None = None  # sft's dvclive folder (reports/sft/plots/metrics)
     core_tasks: Path | None = None  # core_eval's nested per-task details (reports/core/tasks.json)
     models: dict[str, Path] = field(default_factory=dict)  # {"base": models/base, "sft": models/sft}
     dropped: Path | None = None  # the quality stage's audit sample (data/filtered/dropped.parquet)
@@ -73,6 +75,7 @@ class Collected:
     missing: list[str]
     planned: set[str]  # missing stages that dvc.yaml does not declare yet
     curves: dict[str, tuple[list[float], list[float]]]  # "val/bpb" -> (steps, values)
+    sft_curves: dict[str, tuple[list[float], list[float]]]
     core_tasks: Any
     models: dict[str, Path]  # model folders that exist
     meta: dict[str, dict]  # model name -> meta.json
@@ -91,7 +94,7 @@ def expected_stages(metrics_dir: Path, dvc_yaml: Path | None) -> tuple[list[tupl
     declared: dict[str, Path] = {}
     if dvc_yaml and dvc_yaml.is_file():
         for name, body in ((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}).items():
-            if name == SELF or (body.get("meta") or {}).get("on_demand"):
+            if name == SELF:
                 continue
             files = [next(iter(m)) if isinstance(m, dict) else m for m in body.get("metrics") or []]
             # the file's name from dvc.yaml, in --metrics-dir (the same folder in a workspace)
@@ -163,20 +166,22 @@ def collect(inputs: ReportInputs) -> Collected:
     params = yaml.safe_load(params_text) or {} if params_text else {}
     # sha256 of what this report was drawn from (a model by its weights; a folder with a manifest by it)
     read = [path for name, path in stages if name in metrics]
-    read += [inputs.curves, inputs.core_tasks, inputs.dropped, *(path / "model.pt" for path in models.values())]
+    read += [inputs.curves, inputs.sft_curves, inputs.core_tasks, inputs.dropped, *(path / "model.pt" for path in models.values())]
     record = prov.provenance(inputs=[path for path in read if path and path.exists()], params=params)
     # DVC's own record of every stage's outputs, when asked for: current under `dvc repro` (written stage
     # by stage), a run behind under Snakemake (its onsuccess hook commits after the last rule)
     record["outputs"] = prov.dvc_lock_hashes(inputs.dvc_lock) if inputs.dvc_lock else {}
     return Collected(stages=stages, metrics=metrics, missing=missing, planned=planned & set(missing),
-                     curves=read_curves(inputs.curves), core_tasks=_read_json(inputs.core_tasks), models=models,
+                     curves=read_curves(inputs.curves), sft_curves=read_curves(inputs.sft_curves), core_tasks=_read_json(inputs.core_tasks), models=models,
                      meta=meta, dropped_examples=dropped_examples(inputs.dropped), params_text=params_text,
                      params=params, provenance=record)
 
 
 def sample_models(models: dict[str, Path], p: Any) -> dict[str, list[tuple[str, str]] | str]:
-    """{model: [(prompt, continuation)]} for the params' prompts, or {model: why not} when it cannot load."""
+    """{model: [(prompt, text)]}, or {model: why not} when it cannot load. The base model continues
+    `p.prompts` as documents; the SFT model answers `p.chat_prompts` as user turns through the chat engine."""
 
+    from daychat.chat.engine import Engine
     from daychat.errors import UserError
     from daychat.sample import generate
     from daychat.tokenizer import Tokenizer
@@ -193,12 +198,19 @@ def sample_models(models: dict[str, Path], p: Any) -> dict[str, list[tuple[str, 
             out[name] = str(e)
             continue
         rows = []
-        for prompt in p.prompts:
-            ids = generate(model, tok.encode(prompt, prepend_bos=True), p.max_new_tokens, temperature=p.temperature,
-                           top_k=p.top_k, seed=p.seed, stop=tok.bos_id)[0]
-            if tok.bos_id in ids:  # a new document began: the continuation ended before it
-                ids = ids[:ids.index(tok.bos_id)]
-            rows.append((prompt, tok.decode(ids)))
+        if name == "sft":
+            engine = Engine(model, tok)
+            for prompt in p.chat_prompts:
+                reply = engine.reply([{"role": "user", "content": prompt}], max_new_tokens=p.max_new_tokens,
+                                     temperature=p.temperature, top_k=p.top_k, seed=p.seed)
+                rows.append((prompt, reply))
+        else:
+            for prompt in p.prompts:
+                ids = generate(model, tok.encode(prompt, prepend_bos=True), p.max_new_tokens,
+                               temperature=p.temperature, top_k=p.top_k, seed=p.seed, stop=tok.bos_id)[0]
+                if tok.bos_id in ids:  # a new document began: the continuation ended before it
+                    ids = ids[:ids.index(tok.bos_id)]
+                rows.append((prompt, tok.decode(ids)))
         out[name] = rows
     return out
 
@@ -296,33 +308,41 @@ def _hours_of(curves: dict) -> Any:
     return lambda s: np.interp(s, xs, ys)
 
 
-def plot_training(curves: dict, path: Path, x: str = "step") -> str | None:
+# SFT panels: the same loop logs the same names; val/loss is the mean loss on held-out conversations.
+SFT_PANELS: list[tuple[str, list[str]]] = [
+    ("SFT loss on assistant tokens (nats/token)", ["train/loss", "train/loss_smooth", "val/loss"]),
+    ("throughput (tokens/s)", ["perf/tok_per_s"]),
+]
+
+
+def plot_training(curves: dict, path: Path, x: str = "step", panels: list | None = None,
+                  title: str = "pretraining") -> str | None:
     """The training panels against the step, or (x="time") against wall-clock hours."""
     to_hours = _hours_of(curves)
     if x == "time" and to_hours is None:
         return None
-    panels = [(title, [n for n in names if n in curves]) for title, names in PANELS]
-    panels = [(title, names) for title, names in panels if names]
+    panels = [(name, [n for n in names if n in curves]) for name, names in (panels or PANELS)]
+    panels = [(name, names) for name, names in panels if names]
     if not panels:
         return None
     plt = _pyplot()
     cols = 3
     nrows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.4 * nrows), squeeze=False)
-    for ax, (title, names) in zip(axes.flat, panels):
+    for ax, (panel, names) in zip(axes.flat, panels):
         for name in names:
             steps, values = curves[name]
             xs = to_hours(steps) if x == "time" else steps
             ax.plot(xs, values, marker="o" if len(steps) < 20 else None, markersize=3,
                     label=name.split("/")[-1], alpha=0.5 if name == "train/loss" and len(names) > 1 else 1.0)
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.set_xlabel("wall clock (h)" if x == "time" else "step")
         ax.grid(alpha=0.3)
         if len(names) > 1:
             ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_axis_off()
-    fig.suptitle("pretraining " + ("vs wall clock" if x == "time" else "vs step"))
+    fig.suptitle(f"{title} " + ("vs wall clock" if x == "time" else "vs step"))
     return _save(fig, path)
 
 
@@ -437,6 +457,14 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
 def _headline(name: str, d: dict) -> str:
     keys = [k for k in HEADLINES.get(name, []) if k in d] or [k for k, v in d.items() if isinstance(v, (int, float))][:2]
     return ", ".join(f"{k} {_fmt(d[k])}" for k in keys)
+
+
+def _readable_tools(text: str) -> str:
+    """A chat reply with its calculator call shown as [calculator: expr = result] instead of special tokens."""
+    for token, shown in (("<|tool_call_start|>", "[calculator: "), ("<|tool_call_end|>", ""),
+                         ("<|tool_output_start|>", " = "), ("<|tool_output_end|>", "]")):
+        text = text.replace(token, shown)
+    return text
 
 
 def _header(c: Collected, lines: list[str]) -> None:
@@ -567,9 +595,28 @@ def render(c: Collected, samples: dict, p: Any, out_dir: Path, md: Path, link_di
     else:
         lines += ["_No CORE evaluation yet (core_eval stage)._", ""]
 
+    lines += ["## SFT", ""]
+    if "sft" in m:
+        t = m["sft"]
+        keys = ["val_loss", "val_loss_base", "train_loss", "conversations", "trained_tokens", "tokens", "steps",
+                "tok_per_s", "peak_mem_gib", "wall_s"]
+        lines += _table([k for k in keys if k in t], [[t[k] for k in keys if k in t]])
+        skipped = {k: v for k, v in t.items() if k.startswith("skipped_") and v}
+        if skipped:
+            lines += ["Conversations skipped: " + ", ".join(f"{k[8:]} {v}" for k, v in skipped.items()) + ".", ""]
+        lines += image(plot_training(c.sft_curves, out_dir / "sft_steps.png", "step", SFT_PANELS, "SFT"), "SFT curves")
+    else:
+        lines += ["_The sft stage has not run._", ""]
+
     lines += ["## Chat evaluation", ""]
     if "chat_eval" in m:
-        lines += _table(["metric", "value"], [[k, v] for k, v in m["chat_eval"].items()])
+        t = m["chat_eval"]
+        key = "chatcore" if "chatcore" in t else "chatcore_subset"
+        lines += [f"**{t.get('label', key)}: {_fmt(t.get(key))}** (mean centered accuracy over the tasks)", ""]
+        tasks = sorted({k.split("_", 1)[1] for k in t if k.startswith("acc_")})
+        lines += _table(["task", "accuracy", "baseline", "centered", "items", "skipped"],
+                        [[task, t.get(f"acc_{task}"), t.get(f"baseline_{task}"), t.get(f"centered_{task}"),
+                          t.get(f"n_{task}"), t.get(f"skipped_{task}")] for task in tasks])
     else:
         lines += ["_No chat evaluation yet (chat_eval stage)._", ""]
 
@@ -585,9 +632,13 @@ def render(c: Collected, samples: dict, p: Any, out_dir: Path, md: Path, link_di
             lines += [f"_Could not load it: {got}_", ""]
             continue
         how = "greedy" if p.temperature == 0 else f"temperature {p.temperature}, top-k {p.top_k}, seed {p.seed}"
-        lines += [f"{p.max_new_tokens} new tokens at most, {how}; the prompt is in bold.", ""]
+        if name == "sft":
+            lines += [f"Each prompt asked as a user turn; {p.max_new_tokens} new tokens at most, {how}.", ""]
+        else:
+            lines += [f"{p.max_new_tokens} new tokens at most, {how}; the prompt is in bold.", ""]
         for prompt, text in got:
-            quoted = "\n".join("> " + line for line in f"**{prompt}**{text}".splitlines())
+            shown = f"**user:** {prompt}\n\n**assistant:** {_readable_tools(text)}" if name == "sft" else f"**{prompt}**{text}"
+            quoted = "\n".join("> " + line for line in shown.splitlines())
             lines += [quoted, ""]
             n_samples += 1
 

@@ -17,8 +17,10 @@ train_loss, tokens, flops, tok_per_s, mfu, peak_mem_gib, steps, wall_s, crop_fra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 # The curriculum changes activation shapes mid-run; expandable segments keep the CUDA caching allocator
@@ -36,10 +38,14 @@ from daychat.eval.bundle import load_bundle, resolve
 from daychat.eval.core import evaluate_core, model_fn
 from daychat.io import sha256_file, write_metrics
 from daychat.model import GPT, GPTConfig
+from daychat.model.fp8 import convert_to_fp8, fp8_supported
 from daychat.optim import build_optimizers
 from daychat.params import load_section
+from daychat.plan.preflight import available_bytes, check_fits
 from daychat.tokenizer import Tokenizer
+from daychat.train import distributed
 from daychat.train.checkpoint import Checkpointer, run_fingerprint, write_model_folder
+from daychat.train.ema import EMA, decay_for
 from daychat.train.evaluate import evaluate_bpb, val_batches
 from daychat.train.loop import CheckpointPolicy, LoopSettings, Trainer, autocast_for
 from daychat.train.metrics import LiveLog, device_name, peak_flops, pick_device
@@ -51,12 +57,18 @@ NAME = "pretrain"
 def main() -> None:
     args = parse_args()
     p = load_section(NAME)
+    dist = data_parallel(p)  # None in a single process; may re-exec this stage under torchrun
+    if dist is not None and not dist.is_main:
+        sys.stdout = open(os.devnull, "w")  # rank 0 tells the story; errors still reach stderr
+    device = pick_device(p.device, "pretrain.device") if dist is None else dist.device
+    if p.fp8 and not fp8_supported(device):
+        raise UserError(f"params.yaml: pretrain.fp8 is true but this device ({device_name(device)}) has no FP8 "
+                        f"tensor cores (needs CUDA compute capability 8.9+, e.g. RTX 4090 or H100); set pretrain.fp8: false")
     train_shards, val_shards = TokenShards(args.tokens, "train"), TokenShards(args.tokens, "val")
     tok = Tokenizer.load(args.tokenizer)
     tokenizer_sha = sha256_file(Path(args.tokenizer) / "tokenizer.tiktoken")
     if tokenizer_sha != train_shards.tokenizer_sha256:
         raise UserError(f"{args.tokens} was encoded with another tokenizer than {args.tokenizer}; rerun the pretokenize stage")
-    device = pick_device(p.device, "pretrain.device")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
 
@@ -66,10 +78,20 @@ def main() -> None:
     config = GPTConfig(vocab_size=tok.vocab_size, sequence_len=plan.max_seq_len, depth=p.depth,
                        aspect_ratio=p.aspect_ratio, head_dim=p.head_dim, n_kv_head=p.n_kv_head or None,
                        window_pattern=p.window_pattern, short_window=p.short_window, softcap=p.softcap)
+    preflight_memory(p, config, plan, device)  # before anything is allocated on the device
     with torch.device("meta"):  # shapes only; the weights are allocated once, on the device
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
+    model.activation_checkpointing = p.activation_checkpointing  # a switch of the forward, not of the config
+    if p.fp8:  # the same Parameters behind FP8 matmuls: optimizers and state_dict keys are unchanged
+        try:
+            convert_to_fp8(model)
+        except ValueError as e:
+            raise UserError(f"params.yaml: pretrain.fp8 cannot be used with this model ({e}); change "
+                            f"pretrain.head_dim / n_kv_head / aspect_ratio or set pretrain.fp8: false") from None
+    if dist is not None:
+        dist.broadcast_parameters(model)
     counts = model.num_params()
     optimizers = build_optimizers(model, matrix_lr=p.matrix_lr, embedding_lr=p.embedding_lr,
                                   unembedding_lr=p.unembedding_lr, scalar_lr=p.scalar_lr,
@@ -103,11 +125,18 @@ def main() -> None:
                                   sha256_file(Path(args.tokens) / META), tokenizer_sha)
     checkpointer = Checkpointer(Path(args.checkpoints) / fingerprint, keep=p.keep_checkpoints)
     peak, peak_source = peak_flops(device)
+    world = dist.world_size if dist is not None else 1
+    if peak:  # MFU of the whole group: its FLOPs over the sum of its devices' peaks
+        peak *= world
     settings = LoopSettings(device=device, precision=p.precision, compile=p.compile, eval_every=p.eval_every,
                             log_every=p.log_every, loss_spike=p.loss_spike, peak_flops=peak, section=NAME)
     policy = CheckpointPolicy(checkpointer, every_steps=p.save_every, every_s=p.save_every_min * 60,
                               extra={"params": params, "config": dataclasses.asdict(config)})
-    trainer = Trainer(model, optimizers, loader, schedule, plan, settings, evaluate=evaluate, checkpoints=policy)
+    ema = EMA(model, decay_for(p.ema_halflife_tokens, p.total_batch)) if p.ema_halflife_tokens else None
+    main_rank = dist is None or dist.is_main
+    batches = loader if dist is None else distributed.ShardedBatches(loader, dist.rank, dist.world_size)
+    trainer = Trainer(model, optimizers, batches, schedule, plan, settings, evaluate=evaluate if main_rank else None,
+                      checkpoints=policy, ema=ema, dist=dist)
 
     status(NAME, f"d{p.depth} GPT, dim {config.model_dim}, {counts['total'] / 1e6:.2f}M params "
                  f"({counts['matmul'] / 1e6:.2f}M in matmuls), {model.estimate_flops():.3g} FLOPs/token at T={plan.max_seq_len}")
@@ -115,14 +144,36 @@ def main() -> None:
     status(NAME, f"schedule: {schedule.describe()}")
     status(NAME, f"batch: {p.total_batch:,} tokens a step = " + ", ".join(
         f"{plan.accum_steps(t)} x {plan.rows(t)} rows of {t}" for t in sorted({t for _, t in curriculum})))
+    if dist is not None:
+        status(NAME, f"data parallel over {world} processes ({'nccl' if device.type == 'cuda' else 'gloo'}), "
+                     f"{plan.accum_steps(plan.max_seq_len) // world} micro-batches each a step")
+    if p.fp8:
+        status(NAME, "FP8 matmuls (e4m3 forward, e5m2 gradients, tensorwise scales) in the block linears")
+    if ema is not None:
+        status(NAME, f"EMA of the weights: half-life {p.ema_halflife_tokens:,} tokens = decay {ema.decay:.6f} a step")
     resumed = trainer.resume()
     status(NAME, f"run {checkpointer.folder}: " + (f"resuming after step {resumed:,}" if resumed is not None else "fresh start"))
 
+    if not main_rank:  # the other ranks train, then leave the outputs to rank 0
+        trainer.run()
+        distributed.shutdown()
+        return
     live = LiveLog(args.live)
     live.replay(trainer.state.history)  # the curves start at step 0 even after a resume
     trainer.log = live.log
     state = trainer.run()
     live.close()
+
+    # The EMA's val bpb on the same batches as the raw weights' final evaluation; ema_pick chooses.
+    val_bpb_ema, chosen = None, "raw"
+    if ema is not None:
+        with ema.applied():
+            batches = val_batches(val_shards, p.device_batch, plan.max_seq_len, p.eval_tokens, device)
+            val_bpb_ema = evaluate_bpb(trainer.forward, batches, token_bytes, autocast)
+        raw = state.val.get("val/bpb")
+        better = val_bpb_ema < raw
+        chosen = "ema" if p.ema_pick == "ema" or (p.ema_pick == "best" and better) else "raw"
+        status(NAME, f"val bpb: raw weights {raw:.4f}, EMA {val_bpb_ema:.4f}; the model folder gets the {chosen} weights")
 
     metrics = {
         "val_bpb": state.val.get("val/bpb"),
@@ -137,6 +188,7 @@ def main() -> None:
         "crop_fraction": loader.crop_fraction,
         "epochs": loader.epochs,
         "params": counts["total"],
+        **({"val_bpb_ema": val_bpb_ema} if ema is not None else {}),
     }
     meta = {
         "params": params,
@@ -149,13 +201,41 @@ def main() -> None:
                      "peak_flops": peak, "peak_flops_source": peak_source},
         "data": {"tokens": str(args.tokens), "tokens_meta_sha256": sha256_file(Path(args.tokens) / META),
                  "tokenizer_sha256": tokenizer_sha, "train_tokens": train_shards.tokens, "val_tokens": val_shards.tokens},
-        "run": {"fingerprint": fingerprint, "schedule": schedule.describe()},
+        "run": {"fingerprint": fingerprint, "schedule": schedule.describe(), "gpus": world, "fp8": p.fp8},
+        # which weights model.pt holds: the raw ones or their EMA (pretrain.ema_pick), with both val bpbs
+        "weights": {"chosen": chosen, "ema_pick": p.ema_pick if ema is not None else None,
+                    "ema_halflife_tokens": p.ema_halflife_tokens, "ema_decay": ema.decay if ema is not None else None,
+                    "val_bpb_raw": metrics["val_bpb"], "val_bpb_ema": val_bpb_ema},
         "metrics": metrics,
     }
-    write_model_folder(args.out, model, config, meta, args.tokenizer)
+    with ema.applied() if chosen == "ema" else contextlib.nullcontext():
+        write_model_folder(args.out, model, config, meta, args.tokenizer)
     write_metrics(args.metrics, metrics)
     status(NAME, f"val bpb {metrics['val_bpb']:.4f} after {state.tokens:,} tokens in {state.step:,} steps "
                  f"({state.elapsed_s / 60:.1f} min); model in {args.out}")
+    distributed.shutdown()
+
+
+def data_parallel(p) -> distributed.Distributed | None:
+    """None for one process. For pretrain.gpus > 1: check the devices, re-exec this stage under torchrun
+    when not already there (does not return), else join the group (daychat.train.distributed.setup).
+
+    device: cpu with gpus > 1 runs gloo processes on the CPU: slower than one process, for tests only."""
+    return distributed.setup(NAME, p.gpus, p.device, __file__)
+
+
+def preflight_memory(p, config: GPTConfig, plan, device: torch.device) -> None:
+    """Stop in one line if the estimated peak (longest seq_len, device_batch rows) exceeds the card."""
+    budget = available_bytes(device, p.memory_gib)
+    if budget is None:
+        status(NAME, "memory preflight skipped: a CPU run with pretrain.memory_gib 0 (set it to check a card)")
+        return
+    source = f"pretrain.memory_gib {p.memory_gib:g} GiB" if p.memory_gib > 0 else f"{device_name(device)} {budget / 2**30:.1f} GiB"
+    est = check_fits(config, plan.device_batch, plan.max_seq_len, budget_bytes=budget, margin=p.memory_margin,
+                     precision=p.precision, compile=p.compile, activation_checkpointing=p.activation_checkpointing,
+                     device=device.type, section=NAME, total_batch=plan.total_batch, budget_source=source,
+                     ema=p.ema_halflife_tokens > 0)
+    status(NAME, f"memory preflight: estimated {est.describe()}; fits {source}")
 
 
 def parse_args() -> argparse.Namespace:

@@ -28,7 +28,7 @@ def main() -> None:
     args = parse_args()
     p = load_section(NAME)
     inputs = ReportInputs(
-        metrics_dir=Path(args.metrics_dir), curves=_opt(args.curves), core_tasks=_opt(args.core_tasks),
+        metrics_dir=Path(args.metrics_dir), curves=_opt(args.curves), sft_curves=_opt(args.sft_curves), core_tasks=_opt(args.core_tasks),
         models={name: Path(path) for name, path in (("base", args.base), ("sft", args.sft)) if path},
         dropped=_opt(args.dropped), params_file=Path(args.params), dvc_yaml=Path(args.dvc_yaml),
         dvc_lock=_opt(args.dvc_lock))
@@ -62,6 +62,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--metrics-dir", required=True, help="folder of the stages' flat metrics (reports/metrics)")
     parser.add_argument("--curves", help="pretrain's dvclive folder of TSV curves (reports/pretrain/plots/metrics)")
+    parser.add_argument("--sft-curves", help="sft's dvclive folder of TSV curves (reports/sft/plots/metrics)")
     parser.add_argument("--core-tasks", help="core_eval's per-task details (reports/core/tasks.json)")
     parser.add_argument("--base", help="base model folder to sample from (models/base)")
     parser.add_argument("--sft", help="SFT model folder to sample from (models/sft)")

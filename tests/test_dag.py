@@ -72,6 +72,7 @@ def test_dvc_yaml_conventions():
 
 def test_workspace_is_a_faithful_copy(ci_workspace):
     assert (ci_workspace / "dvc.yaml").read_bytes() == (ROOT / "dvc.yaml").read_bytes()
+    assert (ci_workspace / dag.PLANNING_FILE).read_bytes() == (ROOT / dag.PLANNING_FILE).read_bytes()
     assert (ci_workspace / "params.yaml").read_bytes() == (ROOT / "workflow/recipes/ci.yaml").read_bytes()
     for name in workspace.CODE_LINKS:
         assert (ci_workspace / name).resolve() == ROOT / name
@@ -89,3 +90,19 @@ def test_unsupported_dvc_yaml_is_refused(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    foreach: [1, 2]\n    do: {cmd: echo}\n")
     with pytest.raises(dag.DagError, match="not supported"):
         dag.load_stages(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: echo\n")
+    (tmp_path / "planning").mkdir()
+    (tmp_path / dag.PLANNING_FILE).write_text("stages:\n  p:\n    cmd: echo\n")
+    with pytest.raises(dag.DagError, match="wdir"):
+        dag.load_stages(tmp_path)
+    (tmp_path / dag.PLANNING_FILE).write_text("stages:\n  s:\n    wdir: ..\n    cmd: echo\n")
+    with pytest.raises(dag.DagError, match="declared twice"):
+        dag.load_stages(tmp_path)
+
+
+def test_planning_stages_are_on_demand_and_addressed_by_file():
+    stages = {s.name: s for s in dag.load_stages(ROOT)}
+    assert stages["probe"].on_demand and stages["plan"].on_demand and not stages["pretrain"].on_demand
+    assert stages["probe"].address == "planning/dvc.yaml:probe" and stages["pretrain"].address == "pretrain"
+    root_only = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert "probe" not in root_only and "plan" not in root_only  # plain `dvc repro` never runs them

@@ -10,6 +10,11 @@ Only the dvc.yaml features daychat uses are supported, and anything else is refu
 than half-understood: plain `${section.key}` interpolation from params.yaml, string or single-key
 mapping entries for deps/outs/metrics/plots, params from params.yaml. This module imports nothing but
 PyYAML so that a no-op `snakemake all` stays fast.
+
+On-demand stages (probe, plan) live in a second file, planning/dvc.yaml, with `wdir: ..` so that their
+paths read like the pipeline's: plain `dvc repro` / `dvc exp run` reproduce the root dvc.yaml only, so
+they never run unasked under DVC, and the Snakefile leaves them out of `all`. Snakemake names them like
+any rule (`snakemake probe`); DVC addresses them as planning/dvc.yaml:probe (Stage.address).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import yaml
 
 SUPPORTED_KEYS = {"cmd", "deps", "params", "outs", "metrics", "plots", "desc", "meta"}
+PLANNING_FILE = "planning/dvc.yaml"  # the on-demand stages; each must say `wdir: ..`
 _INTERP = re.compile(r"\$\{\s*([A-Za-z0-9_.\-]+)\s*\}")
 
 
@@ -38,32 +44,51 @@ class Stage:
     outs: list[str] = field(default_factory=list)  # cached outputs (files or folders)
     metrics: list[str] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
-    on_demand: bool = False  # `meta: {on_demand: true}`: outside `all` (e.g. probe)
+    on_demand: bool = False  # declared in planning/dvc.yaml: outside `all` (probe, plan)
 
     @property
     def outputs(self) -> list[str]:
         return self.outs + self.metrics + self.plots
 
+    @property
+    def address(self) -> str:
+        """How DVC commands name the stage: `probe` would look in the root dvc.yaml only."""
+        return f"{PLANNING_FILE}:{self.name}" if self.on_demand else self.name
+
 
 def load_stages(root: str | Path = ".") -> list[Stage]:
-    """Parse `root/dvc.yaml`, resolving `${...}` against `root/params.yaml`."""
+    """Parse `root/dvc.yaml` (and `root/planning/dvc.yaml` if present), resolving `${...}` against
+    `root/params.yaml`."""
     root = Path(root)
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.is_file():
         raise DagError(f"{dvc_yaml} not found: run from a workspace (the project root or runs/<recipe>/)")
-    spec = yaml.safe_load(dvc_yaml.read_text()) or {}
     params = _load_params(root / "params.yaml")
+    stages = _parse(dvc_yaml, params, on_demand=False)
+    if (root / PLANNING_FILE).is_file():
+        stages += _parse(root / PLANNING_FILE, params, on_demand=True)
+    names = [s.name for s in stages]
+    for name in names:
+        if names.count(name) > 1:
+            raise DagError(f"stage {name} is declared twice (dvc.yaml and {PLANNING_FILE}): names are Snakemake rules")
+    return stages
+
+
+def _parse(path: Path, params: dict[str, Any], on_demand: bool) -> list[Stage]:
+    spec = yaml.safe_load(path.read_text()) or {}
+    where = PLANNING_FILE if on_demand else "dvc.yaml"
     unknown_top = set(spec) - {"stages"}
     if unknown_top:
-        raise DagError(f"dvc.yaml: top-level {sorted(unknown_top)} not supported by workflow/dag.py")
+        raise DagError(f"{where}: top-level {sorted(unknown_top)} not supported by workflow/dag.py")
     stages = []
     for name, body in (spec.get("stages") or {}).items():
-        extra = set(body) - SUPPORTED_KEYS
+        extra = set(body) - SUPPORTED_KEYS - ({"wdir"} if on_demand else set())
         if extra:
-            raise DagError(f"dvc.yaml: stage {name}: keys {sorted(extra)} not supported by workflow/dag.py")
+            raise DagError(f"{where}: stage {name}: keys {sorted(extra)} not supported by workflow/dag.py")
+        if on_demand and body.get("wdir") != "..":
+            raise DagError(f"{where}: stage {name} must say `wdir: ..` (its paths are relative to the project root)")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise DagError(f"dvc.yaml: stage name {name!r} must be a Python identifier (it is a Snakemake rule)")
-        meta = body.get("meta") or {}
+            raise DagError(f"{where}: stage name {name!r} must be a Python identifier (it is a Snakemake rule)")
         stages.append(Stage(
             name=name,
             cmd=_resolve(body["cmd"], params, f"{name}.cmd"),
@@ -72,7 +97,7 @@ def load_stages(root: str | Path = ".") -> list[Stage]:
             outs=[_resolve(p, params, f"{name}.outs") for p in _paths(body.get("outs"))],
             metrics=[_resolve(p, params, f"{name}.metrics") for p in _paths(body.get("metrics"))],
             plots=[_resolve(p, params, f"{name}.plots") for p in _paths(body.get("plots"))],
-            on_demand=bool(meta.get("on_demand", False)),
+            on_demand=on_demand,
         ))
     return stages
 

@@ -6,6 +6,7 @@ exactly as at the root:
     runs/demo/
       params.yaml     <- workflow/recipes/demo.yaml (re-synced on every `sync`)
       dvc.yaml        <- the project's dvc.yaml, byte for byte
+      planning/dvc.yaml  <- the on-demand stages (probe, plan), byte for byte
       stages/ daychat/ workflow/ Snakefile   symlinks to the project's code: code deps resolve, edits
                       rerun stages, and `snakemake` / `dvc` work from inside the workspace
       .git/ .dvc/     its own git and DVC repos (locks, cache, experiments stay inside)
@@ -15,6 +16,7 @@ Usage (from the project root):
     python -m workflow.workspace run demo                 # sync + snakemake all + summary
     python -m workflow.workspace run ci --engine dvc      # sync + dvc repro
     python -m workflow.workspace sync demo                # just (re)create runs/demo/
+    python -m workflow.workspace run demo --profile workflow/profiles/slurm   # one batch job per stage
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import sys
 import time
 from pathlib import Path
 
+from workflow import dag
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "workflow" / "recipes"
 CODE_LINKS = ("stages", "daychat", "workflow", "Snakefile")  # code deps, commands, and the engine itself
-GITIGNORE = ".snakemake/\n.cache/\n"
+GITIGNORE = ".snakemake/\n.cache/\n.snakemake_timestamp\n"
 DVCIGNORE = ".snakemake/\n.cache/\n.snakemake_timestamp\n"
 
 
@@ -58,6 +62,8 @@ def sync(recipe: str, workspace: str | Path | None = None) -> Path:
     ws.mkdir(parents=True, exist_ok=True)
     changed = _copy_if_changed(src, ws / "params.yaml")
     changed |= _copy_if_changed(ROOT / "dvc.yaml", ws / "dvc.yaml")
+    (ws / "planning").mkdir(exist_ok=True)
+    changed |= _copy_if_changed(ROOT / dag.PLANNING_FILE, ws / dag.PLANNING_FILE)
     for name in CODE_LINKS:
         link, target = ws / name, ROOT / name
         if link.is_symlink() and Path(os.readlink(link)) == target:
@@ -81,22 +87,27 @@ def sync(recipe: str, workspace: str | Path | None = None) -> Path:
     changed |= _write_if_changed(ws / ".dvcignore", DVCIGNORE)
     if changed:
         # `dvc exp run` needs a commit to branch from; the workspace's history is its own.
-        _quiet(["git", "add", "params.yaml", "dvc.yaml", ".gitignore", ".dvcignore", ".dvc", *CODE_LINKS], ws, env)
+        _quiet(["git", "add", "params.yaml", "dvc.yaml", dag.PLANNING_FILE, ".gitignore", ".dvcignore", ".dvc", *CODE_LINKS], ws, env)
         _quiet(["git", "-c", "user.name=daychat", "-c", "user.email=daychat@localhost", "commit", "-q",
                 "--allow-empty", "-m", f"daychat: sync recipe {src.stem}"], ws, env)
     return ws
 
 
-def run(recipe: str, engine: str = "snakemake", cores: int = 2, targets: list[str] | None = None,
-        workspace: str | Path | None = None) -> Path:
+def run(recipe: str, engine: str = "snakemake", cores: int | None = 2, targets: list[str] | None = None,
+        workspace: str | Path | None = None, profile: str | None = None) -> Path:
+    """`profile`: a Snakemake profile folder (workflow/profiles/...); it then sets the cores unless given."""
+    if cores is None and not profile:
+        cores = min(8, os.cpu_count() or 1)
     ws = sync(recipe, workspace)
     print(f"[workspace] recipe {recipe} in {_rel(ws)} with {engine}", flush=True)
     t0 = time.time()
     if engine == "snakemake":
         cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(ws),
-               "--cores", str(cores), *(targets or ["all"])]
+               *(["--profile", str(Path(profile).resolve())] if profile else []),
+               *(["--cores", str(cores)] if cores else []), *(targets or ["all"])]
     else:
-        cmd = ["dvc", "repro", *(targets or [])]
+        address = {s.name: s.address for s in dag.load_stages(ws)}  # probe -> planning/dvc.yaml:probe
+        cmd = ["dvc", "repro", *(address.get(t, t) for t in targets or [])]
     result = subprocess.run(cmd, cwd=ws, env=tool_env())
     if result.returncode != 0:
         raise SystemExit(f"error: [workspace] {engine} failed in {_rel(ws)} (exit {result.returncode}); see the messages above")
@@ -163,13 +174,14 @@ def main(argv: list[str] | None = None) -> None:
     p_run.add_argument("recipe")
     p_run.add_argument("targets", nargs="*", help="stages to bring up to date (default: all)")
     p_run.add_argument("--engine", choices=("snakemake", "dvc"), default="snakemake")
-    p_run.add_argument("--cores", type=int, default=min(8, os.cpu_count() or 1))
+    p_run.add_argument("--cores", type=int, help="default: min(8, all), or the profile's")
     p_run.add_argument("--workspace", help="folder to use instead of runs/<recipe>/")
+    p_run.add_argument("--profile", help="Snakemake profile, e.g. workflow/profiles/slurm (see workflow/profiles/)")
     args = parser.parse_args(argv)
     if args.command == "sync":
         print(_rel(sync(args.recipe, args.workspace)))
     else:
-        run(args.recipe, args.engine, args.cores, args.targets, args.workspace)
+        run(args.recipe, args.engine, args.cores, args.targets, args.workspace, args.profile)
 
 
 if __name__ == "__main__":

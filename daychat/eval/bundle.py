@@ -167,8 +167,10 @@ def fetch_bundle(url: str, cache: Path, *, sha256: str = "", retries: int = 5, t
     return out
 
 
-def download(url: str, dest: Path, retries: int, timeout_s: float) -> None:
-    """urllib download to dest (via dest.part), with exponential backoff between attempts."""
+def download(url: str, dest: Path, retries: int, timeout_s: float, what: str = "eval bundle",
+             hint: str = "or use core_eval.source: local with a copy of the bundle") -> None:
+    """urllib download to dest (via dest.part), with exponential backoff between attempts; `what` and `hint`
+    name the file and the way out in the one-line error (chat_eval downloads its datasets with it too)."""
     part = dest.with_name(dest.name + ".part")
     error: Exception | None = None
     for attempt in range(retries + 1):
@@ -182,8 +184,7 @@ def download(url: str, dest: Path, retries: int, timeout_s: float) -> None:
         except OSError as e:  # URLError, HTTPError, timeouts, resets
             error = e
     part.unlink(missing_ok=True)
-    raise UserError(f"eval bundle download failed {retries + 1} attempts ({error}): {url} "
-                    "(or use core_eval.source: local with a copy of the bundle)")
+    raise UserError(f"{what} download failed {retries + 1} attempts ({error}): {url} ({hint})")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -201,6 +201,66 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Generation with a KV cache. A new token's keys and values never change once computed (attention is causal),
+# so generation keeps them per layer and runs the model on the new tokens only: one token per step instead of
+# the whole context. Rotary positions of the new tokens start at the cache position. Training never comes
+# here (kv_cache=None keeps the path above untouched).
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer k, v: (B, Hkv, max_len, D).
+
+    `pos` is the number of filled positions, i.e. the absolute position of the next token fed. A layer's
+    buffers are allocated at its first `update` with the dtype and device of its keys (bf16 under CUDA
+    autocast, fp32 on CPU), so the cache needs nothing from the model up front. `GPT.forward(idx,
+    kv_cache=cache)` advances `pos` by idx's T after the last layer.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.pos = 0
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) at positions pos..pos+T-1 -> all keys and values (B, Hkv, pos+T, D)."""
+        B, Hkv, T, D = k.shape
+        end = self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len={self.max_len}")
+        if layer not in self.k:
+            self.k[layer] = k.new_zeros(B, Hkv, self.max_len, D)
+            self.v[layer] = v.new_zeros(B, Hkv, self.max_len, D)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int,
+                     window: int | None) -> torch.Tensor:
+    """Attention of new queries over cached + new keys. q: (B, H, T, D) at positions pos..pos+T-1;
+    k, v: (B, Hkv, pos+T, D) at positions 0..pos+T-1 -> (B, H, T, D).
+
+    Query p sees key s when s <= p and, in a window layer, p - s < window (the training masks' rule). One new
+    token (decoding) sees every key there is, or the last `window`: a slice, no mask. Several new tokens
+    (a prompt, an injected tool output) need the explicit (T, pos+T) mask: SDPA's is_causal aligns the
+    triangle to the top-left corner, which is wrong once pos > 0.
+    """
+    gqa = q.size(1) != k.size(1)
+    T, S = q.size(2), k.size(2)
+    if T == 1:
+        if window is not None:
+            k, v = k[:, :, -window:], v[:, :, -window:]
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    diff = (torch.arange(pos, pos + T, device=q.device)[:, None]
+            - torch.arange(S, device=q.device)[None, :])  # (T, S): query position - key position
+    mask = diff >= 0
+    if window is not None:
+        mask &= diff < window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The network
 
 
@@ -218,8 +278,9 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate_channels = config.ve_gate_channels
         has_ve = layer_idx in config.value_embed_layers()
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve else None
+        self.layer_idx, self.window = layer_idx, config.layer_windows()[layer_idx]  # for the KV-cache path
 
-    def forward(self, x, ve, cos_sin, mask):
+    def forward(self, x, ve, cos_sin, mask, kv_cache: KVCache | None = None):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
@@ -235,7 +296,11 @@ class CausalSelfAttention(nn.Module):
             q, k = norm(q), norm(k)
         # Attention kernels want one dtype: that of the projections (bf16 under autocast, fp32 on CPU).
         q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))  # (B, nh, T, D)
-        y = causal_attention(q, k, v, mask)  # (B, H, T, D)
+        if kv_cache is None:
+            y = causal_attention(q, k, v, mask)  # (B, H, T, D)
+        else:  # generation: x holds only the new tokens; the cache holds the keys/values before them
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, pos+T, D)
+            y = cached_attention(q, k, v, kv_cache.pos, self.window)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.c_proj(y)
 
@@ -257,8 +322,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos_sin, mask):
-        x = x + self.attn(norm(x), ve, cos_sin, mask)
+    def forward(self, x, ve, cos_sin, mask, kv_cache: KVCache | None = None):
+        x = x + self.attn(norm(x), ve, cos_sin, mask, kv_cache)
         x = x + self.mlp(norm(x))
         return x
 
@@ -405,12 +470,37 @@ class GPT(nn.Module):
             if self.resid_lambdas is not None:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None  # (B, T, Hkv*D)
-            x = block(x, ve, cos_sin, masks[i])
+            if self.training and getattr(self, "activation_checkpointing", False):
+                # Activation checkpointing (set by the trainer, not a GPTConfig field): keep only the block's
+                # inputs, recompute its activations in backward, one block at a time (~1/3 more FLOPs).
+                x = torch.utils.checkpoint.checkpoint(block, x, ve, cos_sin, masks[i], use_reentrant=False)
+            else:
+                x = block(x, ve, cos_sin, masks[i])
+        return x
+
+    def _trunk_cached(self, idx: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """_trunk for generation: idx (B, T) are the tokens at positions kv_cache.pos .. pos+T-1, attending
+        also to the cached positions before them -> (B, T, C). Advances kv_cache.pos by T."""
+        B, T = idx.size()
+        pos = kv_cache.pos
+        if pos + T > self.cos.size(1):
+            raise ValueError(f"position {pos + T} is beyond config.sequence_len={self.cos.size(1)}")
+        cos_sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]  # rotary angles of the absolute positions
+        x = norm(self.wte(idx))  # (B, T, C)
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            if self.resid_lambdas is not None:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None  # (B, T, Hkv*D)
+            x = block(x, ve, cos_sin, None, kv_cache)
+        kv_cache.pos += T
         return x
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_reduction: str = "mean") -> torch.Tensor:
+                loss_reduction: str = "mean", kv_cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) -> fp32 softcapped logits (B, T, V); with targets (B, T) -> cross-entropy loss.
+
+        With a kv_cache (generation), idx holds only the tokens after the cached positions; see KVCache.
 
         Targets equal to -1 are ignored. loss_reduction: "mean" (scalar), "sum" (scalar) or "none" (B, T)
         per-token losses (0 where ignored), which bits-per-byte needs.
@@ -418,7 +508,7 @@ class GPT(nn.Module):
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
         B, T = idx.size()
-        x = norm(self._trunk(idx))
+        x = norm(self._trunk(idx) if kv_cache is None else self._trunk_cached(idx, kv_cache))
         logits = self.lm_head(x)  # (B, T, V_padded); bf16 under autocast
         logits = logits[..., :self.config.vocab_size].float()  # crop the padding; fp32 from here on
         if self.config.softcap > 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,22 @@ def write_model_folder(out: str | os.PathLike, model: torch.nn.Module, config: A
         write_json(tmp / META_FILE, meta)
 
 
+def read_model_config(folder: str | os.PathLike):
+    """The GPTConfig of a model folder without loading its weights (a memory preflight needs the shapes
+    before anything goes to the device)."""
+    from daychat.model import GPTConfig
+
+    folder = Path(folder)
+    for name in (MODEL_FILE, CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder / name} not found: {folder} is not a finished model folder (run the pretrain stage)")
+    try:
+        return GPTConfig(**json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{folder} holds a model this code cannot load ({type(e).__name__}: {e}); "
+                        "rerun the pretrain stage") from None
+
+
 def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "cpu"):
     """(GPT in eval mode on `device`, its meta.json) from a folder written by `write_model_folder`."""
     from daychat.model import GPT, GPTConfig
@@ -135,6 +152,9 @@ def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "c
         model.to_empty(device=device)
         model.init_weights()  # buffers (rotary tables); the weights come from the file
         model.load_state_dict(torch.load(folder / MODEL_FILE, map_location=device, weights_only=True))
+    except (EOFError, pickle.UnpicklingError):  # torch's own message here is many lines about weights_only
+        raise UserError(f"{folder / MODEL_FILE} is damaged (not a saved state dict); rerun the stage that "
+                        f"wrote {folder}") from None
     except (ValueError, TypeError, RuntimeError, KeyError) as e:
         raise UserError(f"{folder} holds a model this code cannot load ({type(e).__name__}: {e}); "
                         "rerun the pretrain stage") from None

@@ -20,7 +20,13 @@ loss above `loss_spike` x the smoothed loss, stops the run with one line (`Train
 and writes nothing, so the last good checkpoint stays the latest.
 
 Everything the run needs to continue exactly is `Trainer.state_dict()`: model, optimizers, the batch
-source's position, the loop state (step, tokens, elapsed time, logged rows) and the RNG states.
+source's position, the loop state (step, tokens, elapsed time, logged rows) and the RNG states (and the
+EMA of the weights when one is kept: `ema=daychat.train.ema.EMA(...)`).
+
+Data parallel (`dist=daychat.train.distributed.Distributed`, under torchrun): each rank runs accum_steps /
+world_size of the step's micro-batches (its batch source gives it its share), the gradients and the loss
+are averaged over the ranks before the optimizers step, only rank 0 saves checkpoints, and every
+wall-clock reading that steers the schedule is rank 0's.
 """
 
 from __future__ import annotations
@@ -132,7 +138,7 @@ class Trainer:
                  schedule: Schedule, plan: BatchPlan, settings: LoopSettings | None = None, *,
                  evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
                  checkpoints: CheckpointPolicy | None = None, log: Callable[[dict], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, ema=None, dist=None):
         self.model = model  # the plain module: its state_dict is what gets saved
         self.optimizers = optimizers
         self.batches = batches
@@ -144,6 +150,10 @@ class Trainer:
         self.log = log or (lambda row: None)
         self.clock = clock
         self.state = LoopState()
+        # Optional: an EMA of the weights (daychat.train.ema.EMA), updated after every optimizer step and
+        # saved in the checkpoint; a data-parallel group (daychat.train.distributed.Distributed), see train_step.
+        self.ema = ema
+        self.dist = dist
         self.autocast = autocast_for(self.settings.device, self.settings.precision)
         use_compile = self.settings.compile and self.settings.device.type == "cuda"
         # The shapes change only with the curriculum (a few stages), so static shapes: one graph each.
@@ -160,6 +170,7 @@ class Trainer:
             "batches": self.batches.state_dict(),
             "loop": asdict(self.state),
             "rng": rng_state(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -170,6 +181,10 @@ class Trainer:
         for opt, opt_state in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
         self.batches.load_state_dict(state["batches"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ValueError("the checkpoint holds no EMA of the weights but this run keeps one")
+            self.ema.load_state_dict(state["ema"])
         self.state = LoopState(**state["loop"])
         set_rng_state(state["rng"])
 
@@ -192,7 +207,7 @@ class Trainer:
         return self.state.step
 
     def save(self) -> None:
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and (self.dist is None or self.dist.is_main):  # rank 0 writes
             path = self.checkpoints.checkpointer.save(self.state.step, {**self.state_dict(), **self.checkpoints.extra})
             self._last_save = self.clock()
             status(self.settings.section, f"checkpoint {path}")
@@ -209,7 +224,8 @@ class Trainer:
         window = {"tokens": 0, "seconds": 0.0, "flops": 0.0}  # since the last log row: for tok/s and MFU
 
         def elapsed() -> float:
-            return elapsed_before + self.clock() - session_start
+            value = elapsed_before + self.clock() - session_start
+            return value if self.dist is None else self.dist.agree(value)  # rank 0's clock steers all ranks
 
         if s.step == 0 and not s.finished:
             self._evaluate()
@@ -261,13 +277,20 @@ class Trainer:
     def train_step(self, seq_len: int) -> float:
         """One optimizer step on total_batch tokens at `seq_len`; returns the mean train loss."""
         rows, n = self.plan.rows(seq_len), self.plan.accum_steps(seq_len)
+        if self.dist is not None:  # each rank takes its share of the micro-batches (ShardedBatches)
+            n //= self.dist.world_size
         micro_batches = (self.batches.next_batch(rows, seq_len) for _ in range(n))
         self.model.train()
-        loss = accumulate_gradients(self.forward, micro_batches, n, self.autocast).item()  # host sync
+        loss = accumulate_gradients(self.forward, micro_batches, n, self.autocast)
+        if self.dist is not None:  # average gradients and loss over the ranks before any optimizer sees them
+            loss = self.dist.sync_gradients(self.model, loss)
+        loss = loss.item()  # host sync
         self._check_loss(loss)
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
         return loss
 
     def _check_loss(self, loss: float) -> None:

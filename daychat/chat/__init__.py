@@ -1,0 +1,1 @@
+"""Chat: the conversation format (format.py), the KV-cache engine with the calculator tool, the chat CLI."""

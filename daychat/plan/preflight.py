@@ -1,0 +1,88 @@
+"""Preflight: refuse, before anything is allocated, a training config whose estimated peak memory does not fit.
+
+    budget = available_bytes(device, p.memory_gib)        # None: unknown (a CPU without memory_gib)
+    est = check_fits(config, p.device_batch, max_seq_len, budget_bytes=budget, margin=p.memory_margin, ...)
+
+`check_fits` raises a UserError with ONE line: what was estimated against what is available, and the
+first knob that makes it fit, in this order (cheapest for the recipe first): a smaller device_batch (the
+largest that fits, and that splits total_batch), a shorter longest seq_len, activation checkpointing,
+a smaller depth. Pretraining calls it; SFT calls it with section "sft" and tunes_model=False (its model
+is the base model as it is: only its device_batch and seq_len are knobs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from daychat.errors import UserError
+from daychat.model.gpt import GPTConfig
+from daychat.plan.memory import (
+    GiB,
+    MemoryEstimate,
+    estimate_memory,
+    largest_fit,
+    static_bytes,
+)
+
+
+def available_bytes(device, memory_gib: float = 0.0) -> int | None:
+    """The memory a run may use: `memory_gib` when set (> 0: plan for another card, or force it in tests),
+    else the CUDA card's total memory, else None (a CPU: unknown, the check is skipped)."""
+    if memory_gib > 0:
+        return int(memory_gib * GiB)
+    if getattr(device, "type", device) == "cuda":
+        import torch
+
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return None
+
+
+def check_fits(config: GPTConfig, device_batch: int, seq_len: int, *, budget_bytes: int, margin: float = 0.05,
+               precision: str = "bf16", compile: bool = True, activation_checkpointing: bool = False,
+               device: str = "cuda", section: str = "pretrain", total_batch: int | None = None,
+               budget_source: str = "", ema: bool = False, tunes_model: bool = True) -> MemoryEstimate:
+    """The estimate if it fits in budget_bytes x (1 - margin); else a one-line UserError naming the knob."""
+    settings = dict(precision=precision, compile=compile, device=device, ema=ema)
+    est = estimate_memory(config, device_batch, seq_len, activation_checkpointing=activation_checkpointing, **settings)
+    usable = budget_bytes * (1 - margin)
+    if est.total_bytes <= usable:
+        return est
+    how = f"{precision}" + (" + compile" if compile and device == "cuda" else "") + \
+          (" + activation checkpointing" if activation_checkpointing else "")
+    source = budget_source or f"{budget_bytes / GiB:.1f} GiB"
+    advice = suggest(config, device_batch, seq_len, usable, activation_checkpointing=activation_checkpointing,
+                     section=section, total_batch=total_batch, tunes_model=tunes_model, **settings)
+    raise UserError(f"{section}: estimated peak memory {est.total_bytes / GiB:.1f} GiB (d{config.depth}, "
+                    f"{device_batch} rows x {seq_len} tokens, {how}) exceeds the {usable / GiB:.1f} GiB available "
+                    f"({source} less {section}.memory_margin {margin:.0%}); {advice}")
+
+
+def suggest(config: GPTConfig, device_batch: int, seq_len: int, usable: float, *, activation_checkpointing: bool,
+            section: str, total_batch: int | None = None, tunes_model: bool = True, **settings) -> str:
+    """The first knob that brings the estimate under `usable` bytes, as an instruction. tunes_model=False:
+    the section has no depth or activation_checkpointing knob (SFT), so only the batch shape is offered."""
+    ckpt = activation_checkpointing
+    rows = largest_fit(config, seq_len, usable, activation_checkpointing=ckpt, max_batch=device_batch, **settings)
+    if rows >= 1:
+        # the micro-batch must split total_batch (daychat.train.schedule.plan_batch): the largest that does
+        while total_batch and rows > 1 and total_batch % (rows * seq_len):
+            rows -= 1
+        return f"set {section}.device_batch to {rows} (the largest that fits{' and splits total_batch' if total_batch else ''})"
+    t = seq_len // 2  # half the context, one row; shorter would change the recipe more than fit it
+    if t >= 128 and largest_fit(config, t, usable, activation_checkpointing=ckpt, max_batch=1, **settings):
+        return f"set {'the longest ' if tunes_model else ''}{section}.seq_len to {t} with {section}.device_batch 1"
+    if not tunes_model:
+        return (f"not even 1 row of {seq_len} tokens fits beside the d{config.depth} model's weights, gradients "
+                f"and optimizer state; use a larger card, a shorter {section}.seq_len or a smaller base model")
+    if not ckpt:
+        rows = largest_fit(config, seq_len, usable, activation_checkpointing=True, max_batch=device_batch, **settings)
+        if rows:
+            return f"set {section}.activation_checkpointing: true with {section}.device_batch {rows}"
+    for depth in range(config.depth - 1, 0, -1):
+        smaller = dataclasses.replace(config, depth=depth)
+        if largest_fit(smaller, seq_len, usable, activation_checkpointing=True, max_batch=1, **settings):
+            return (f"lower {section}.depth to {depth} (with {section}.activation_checkpointing: true and "
+                    f"{section}.device_batch 1)")
+    static = sum(static_bytes(config).values())
+    return (f"not even a d1 model fits: weights, gradients and optimizer state alone take {static / GiB:.2f} GiB; "
+            f"use a larger card or a smaller vocabulary")
