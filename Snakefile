@@ -1,6 +1,7 @@
 # Generic: every rule comes from dvc.yaml (see workflow/dag.py), so the two engines run one DAG.
 #   snakemake --cores 8 all                      the recipe in params.yaml, here
 #   snakemake --cores 2 -d runs/demo all         a recipe's own workspace (see workflow/workspace.py)
+#   snakemake --config per_shard=true ...        stages with `meta: {shards: ...}` as one job per shard + a gather
 import importlib.util
 import os
 import subprocess
@@ -23,24 +24,73 @@ def _output(path):
     return directory(path) if _dag.is_folder(path) else path
 
 
+# Per-shard mode (off unless `--config per_shard=true`, as the cluster profiles set it): a stage with
+# `meta: {shards: FOLDER}` becomes a `<stage>_shard` rule, one job per shard listed in FOLDER/manifest.json,
+# and its own rule gathers the parts. The shard list is known only once FOLDER is written, so the stage
+# that writes it is a checkpoint: Snakemake re-plans the DAG after it ran.
+_PER_SHARD = {True: True, False: False, "true": True, "false": False}.get(config.get("per_shard", False))
+if _PER_SHARD is None:  # a bool from a profile's `config:`, a string from --config
+    raise WorkflowError(f"--config per_shard={config['per_shard']!r}: use true or false")
+_SHARDED = [s for s in _STAGES if s.shards] if _PER_SHARD else []
+_CHECKPOINTS = {_dag.producer(_STAGES, s.shards).name for s in _SHARDED}
+
+
+def _parts_of(stage):
+    """Input function of a gathering rule: the part folder of every shard, once the checkpoint ran."""
+    producer = _dag.producer(_STAGES, stage.shards).name
+    def parts(wildcards):
+        getattr(checkpoints, producer).get()  # raises until the shards folder exists and is up to date
+        return [f"{stage.parts}/{name}" for name in _dag.shard_names(stage.shards)]
+    return parts
+
+
 rule all:
     input: [out for s in _STAGES if not s.on_demand for out in s.outputs]
     default_target: True
 
 
 for _stage in _STAGES:
-    rule:
-        name: _stage.name
-        input: _stage.deps
-        output: [_output(p) for p in _stage.outputs]
-        # The command travels in params (a shell string built in this loop would be formatted late, with
-        # the last stage's values); the declared params.yaml sections ride along so that editing one
-        # reruns this stage and what is downstream of it.
-        params: cmd=_stage.cmd, **_dag.param_values(_stage, _PARAMS)
-        # The stages form a chain and parallelise inside (workers params, torch threads): each asks for
-        # every core, and Snakemake caps that at --cores (it also sets OMP_NUM_THREADS, else 1).
-        threads: os.cpu_count() or 1
-        shell: "{params.cmd}"
+    _sharded = _stage in _SHARDED
+    # The command travels in params (a shell string built in this loop would be formatted late, with
+    # the last stage's values); the declared params.yaml sections ride along so that editing one
+    # reruns this stage and what is downstream of it. A gathering rule also waits for every part.
+    _rule = dict(
+        name=_stage.name,
+        input=[_stage.deps, _parts_of(_stage)] if _sharded else _stage.deps,
+        output=[_output(p) for p in _stage.outputs],
+        params=dict(cmd=_stage.cmd, **_dag.param_values(_stage, _PARAMS)),
+        shell="{params.cmd} --gather --parts " + _stage.parts if _sharded else "{params.cmd}",
+    )
+    # The keyword alone makes a checkpoint (no rule setting does): the two blocks define the same rule.
+    if _stage.name in _CHECKPOINTS:
+        checkpoint:
+            name: _rule["name"]
+            input: _rule["input"]
+            output: _rule["output"]
+            params: **_rule["params"]
+            threads: os.cpu_count() or 1
+            shell: _rule["shell"]
+    else:
+        rule:
+            name: _rule["name"]
+            input: _rule["input"]
+            output: _rule["output"]
+            params: **_rule["params"]
+            # The stages form a chain and parallelise inside (workers params, torch threads): each asks for
+            # every core, and Snakemake caps that at --cores (it also sets OMP_NUM_THREADS, else 1).
+            threads: os.cpu_count() or 1
+            shell: _rule["shell"]
+    if _sharded:
+        # One job per shard: the stage's command on that shard alone, into its part folder (scratch that
+        # neither git nor DVC tracks; temp: Snakemake deletes it once the gather has run).
+        rule:
+            name: f"{_stage.name}_shard"
+            input: _stage.deps
+            output: temp(directory(f"{_stage.parts}/{{shard}}"))
+            params: cmd=_stage.cmd, parts=_stage.parts, **_dag.param_values(_stage, _PARAMS)
+            wildcard_constraints: shard=r"[A-Za-z0-9_.\-]+"
+            threads: os.cpu_count() or 1
+            shell: "{params.cmd} --shard {wildcards.shard} --parts {params.parts}"
 
 
 onsuccess:

@@ -6,16 +6,29 @@
 Reads params.yaml's `pretokenize` section. Writes data/tokens/ as a whole (layout in daychat.data.tokens)
 and flat metrics: train_tokens, val_tokens, train_docs, val_docs, dtype, tokens_per_s and mb_per_s
 (tokens and UTF-8 text megabytes per second of encoding), seconds (the whole stage).
+
+Per shard (what `snakemake --config per_shard=true` runs, one job per shard, see workflow/dag.py), the
+same command with
+    --shard NAME --parts DIR    encodes only shard NAME of --data into DIR/NAME/ (writes nothing else)
+    --gather --parts DIR        writes --out and --metrics from the finished parts, byte for byte what the
+                                plain command writes; encoding time is then the span from the first part's
+                                start to the last part's end (the wall time of the shard jobs).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from daychat.cli import run, status
-from daychat.data.tokens import plan_workers, pretokenize
 from daychat.data.textshards import read_manifest
+from daychat.data.tokens import (
+    gather_parts,
+    plan_workers,
+    pretokenize,
+    pretokenize_part,
+)
 from daychat.io import atomic_dir, write_metrics
 from daychat.params import load_section
 
@@ -26,13 +39,31 @@ def main() -> None:
     t0 = time.perf_counter()
     args = parse_args()
     p = load_section(NAME)
-    processes, threads = plan_workers(p.workers, len(read_manifest(args.data)))
-    status(NAME, f"encoding {args.data} with {args.tokenizer} on {processes} process(es) x {threads} thread(s)")
-    with atomic_dir(args.out) as tmp:
-        t_encode = time.perf_counter()
-        meta = pretokenize(args.data, args.tokenizer, tmp, p.dtype, p.workers, p.batch_docs)
-        encode_seconds = time.perf_counter() - t_encode
+    if args.shard:
+        status(NAME, f"encoding shard {args.shard} of {args.data} into {args.parts}/{args.shard}")
+        with atomic_dir(Path(args.parts) / args.shard) as tmp:
+            part = pretokenize_part(args.data, args.tokenizer, args.shard, tmp, p.dtype, p.workers, p.batch_docs)
+        status(NAME, f"shard {args.shard}: {part['shard']['tokens']:,} tokens in {time.perf_counter() - t0:.1f}s")
+        return
+    if args.gather:
+        status(NAME, f"gathering the parts in {args.parts} into {args.out}")
+        with atomic_dir(args.out) as tmp:
+            meta, parts = gather_parts(args.data, args.tokenizer, args.parts, tmp, p.dtype)
+        started = min(part["started"] for part in parts)
+        encode_seconds = max(part["finished"] for part in parts) - started
+        seconds = time.time() - started
+    else:
+        processes, threads = plan_workers(p.workers, len(read_manifest(args.data)))
+        status(NAME, f"encoding {args.data} with {args.tokenizer} on {processes} process(es) x {threads} thread(s)")
+        with atomic_dir(args.out) as tmp:
+            t_encode = time.perf_counter()
+            meta = pretokenize(args.data, args.tokenizer, tmp, p.dtype, p.workers, p.batch_docs)
+            encode_seconds = time.perf_counter() - t_encode
+        seconds = time.perf_counter() - t0
+    report(meta, encode_seconds, seconds, args.metrics)
 
+
+def report(meta: dict, encode_seconds: float, seconds: float, metrics: str) -> None:
     totals = {f"{split}_{key}": 0 for split in ("train", "val") for key in ("tokens", "docs")}
     for shard in meta["shards"]:
         totals[f"{shard['split']}_tokens"] += shard["tokens"]
@@ -41,12 +72,12 @@ def main() -> None:
     text_mb = sum(shard["text_bytes"] for shard in meta["shards"]) / 1e6
     status(NAME, f"{tokens:,} tokens ({meta['dtype']}) from {text_mb:,.1f} MB of text in {encode_seconds:.1f}s: "
                  f"{text_mb / encode_seconds:.1f} MB/s")
-    write_metrics(args.metrics, {
+    write_metrics(metrics, {
         **totals,
         "dtype": meta["dtype"],
         "tokens_per_s": tokens / encode_seconds,
         "mb_per_s": text_mb / encode_seconds,
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
     })
 
 
@@ -56,7 +87,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (from the tokenizer stage)")
     parser.add_argument("--out", required=True, help="token dataset folder to write")
     parser.add_argument("--metrics", required=True, help="flat metrics JSON to write")
-    return parser.parse_args()
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--shard", help="encode only this shard (its manifest file name without suffix) into --parts")
+    mode.add_argument("--gather", action="store_true", help="write --out and --metrics from the parts in --parts")
+    parser.add_argument("--parts", help="folder of per-shard parts, one subfolder per shard (with --shard/--gather)")
+    args = parser.parse_args()
+    if bool(args.shard or args.gather) != bool(args.parts):
+        parser.error("--parts goes with --shard NAME or --gather, and they need it")
+    return args
 
 
 if __name__ == "__main__":

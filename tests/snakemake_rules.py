@@ -1,4 +1,5 @@
-"""Print Snakemake's own view of the rules as JSON: `python tests/snakemake_rules.py SNAKEFILE WORKDIR`.
+"""Print Snakemake's own view of the rules as JSON: `python tests/snakemake_rules.py SNAKEFILE WORKDIR [KEY=VALUE...]`
+(the KEY=VALUEs as `snakemake --config`).
 
 Run as a subprocess: Snakemake's API changes the working directory and sets up logging globally.
 """
@@ -7,14 +8,18 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
 from snakemake.api import SnakemakeApi
-from snakemake.settings.types import OutputSettings, ResourceSettings
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+config = {key: yaml.safe_load(value) for key, value in (arg.split("=", 1) for arg in sys.argv[3:])}
 
 with SnakemakeApi(OutputSettings(quiet=None)) as api:
-    workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=Path(sys.argv[1]), workdir=Path(sys.argv[2]))
+    workflow = api.workflow(resource_settings=ResourceSettings(), config_settings=ConfigSettings(config=config),
+                            snakefile=Path(sys.argv[1]), workdir=Path(sys.argv[2]))
     rules = {}
     for rule in workflow._workflow.rules:
         params = {name: rule.params[i] for name, (i, _) in rule.params._names.items()}
         rules[rule.name] = {"input": [str(f) for f in rule.input], "output": [str(f) for f in rule.output],
-                            "params": params, "shell": rule.shellcmd}
+                            "params": params, "shell": rule.shellcmd, "checkpoint": rule.is_checkpoint}
 print(json.dumps(rules))

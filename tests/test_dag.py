@@ -15,9 +15,9 @@ from workflow import dag, workspace
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def snakemake_rules(workdir: Path) -> dict:
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "snakemake_rules.py"), str(ROOT / "Snakefile"), str(workdir)],
-                         capture_output=True, text=True, check=True)
+def snakemake_rules(workdir: Path, *config: str) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "snakemake_rules.py"), str(ROOT / "Snakefile"), str(workdir),
+                          *config], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -56,6 +56,45 @@ def test_snakemake_rules_agree_with_dvc_index(where, ci_workspace):
             key.replace(".", "__"): dag._lookup(params, key, name) for key in stage["params"]}
     on_demand = {s.name for s in dag.load_stages(workdir) if s.on_demand}
     assert sorted(rules["all"]["input"]) == sorted(o for n, s in stages.items() if n not in on_demand for o in s["outs"])
+    assert not any(rule["checkpoint"] for rule in rules.values())  # per-shard mode is opt-in
+
+
+def test_per_shard_mode_adds_a_shard_rule_and_a_checkpoint():
+    rules = snakemake_rules(ROOT, "per_shard=true")
+    stages = {s.name: s for s in dag.load_stages(ROOT)}
+    sharded = [s for s in stages.values() if s.shards]
+    assert [s.name for s in sharded] == ["pretokenize"] and stages["pretokenize"].shards == "data/filtered"
+    assert set(rules) - {"all"} == set(stages) | {"pretokenize_shard"}
+    assert [n for n, r in rules.items() if r["checkpoint"]] == ["quality"]  # writes data/filtered
+    shard, gather = rules["pretokenize_shard"], rules["pretokenize"]
+    cmd = stages["pretokenize"].cmd
+    assert shard["params"]["cmd"] == gather["params"]["cmd"] == cmd  # the stage's command, plus flags
+    assert shard["shell"] == "{params.cmd} --shard {wildcards.shard} --parts {params.parts}"
+    assert shard["params"]["parts"] == ".cache/shards/pretokenize"
+    assert gather["shell"] == "{params.cmd} --gather --parts .cache/shards/pretokenize"
+    assert shard["input"] == gather["input"][:-1] == stages["pretokenize"].deps  # [-1]: the parts, via the checkpoint
+    assert shard["output"] == [".cache/shards/pretokenize/{shard,[A-Za-z0-9_.\\-]+}"]
+    assert shard["params"]["pretokenize"] == gather["params"]["pretokenize"]  # a params edit reruns the shards
+    assert sorted(gather["output"]) == sorted(stages["pretokenize"].outputs)
+
+
+def test_meta_shards_is_checked(tmp_path):
+    (tmp_path / "params.yaml").write_text("a: {n: 1}\n")
+    head = "stages:\n  w:\n    cmd: echo\n    outs: [d]\n  s:\n    cmd: echo\n    deps: [d, e]\n"
+    (tmp_path / "dvc.yaml").write_text(head + "    meta: {shards: d}\n")
+    assert [s.shards for s in dag.load_stages(tmp_path)] == [None, "d"]
+    for meta, error in (("{shards: e}", "must be one of its deps that another stage writes"),
+                        ("{shards: x}", "must be one of its deps"),
+                        ("{on_demand: true}", r"meta \['on_demand'\] not supported")):
+        (tmp_path / "dvc.yaml").write_text(head + f"    meta: {meta}\n")
+        with pytest.raises(dag.DagError, match=error):
+            dag.load_stages(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/manifest.json").write_text(json.dumps({"shards": [{"file": "shard_00000.parquet"}, {"file": "b.parquet"}]}))
+    assert dag.shard_names(tmp_path / "d") == ["shard_00000", "b"]
+    (tmp_path / "d/manifest.json").write_text(json.dumps({"shards": [{"file": "a.parquet"}, {"file": "a.jsonl"}]}))
+    with pytest.raises(dag.DagError, match="must be unique"):
+        dag.shard_names(tmp_path / "d")
 
 
 def test_dvc_yaml_conventions():

@@ -1,6 +1,7 @@
 """Token shards: BOS-delimited documents that decode back to the text, offsets, dtype choice, the
 memory-mapped reader's checks, and the stage end to end as the engines run it."""
 
+import hashlib
 import json
 import random
 import shutil
@@ -11,8 +12,9 @@ import pytest
 import yaml
 
 from conftest import run_stage
-from daychat.data.textshards import ShardWriter, write_manifest
-from daychat.data.tokens import META, TokenShards, encode_shard, plan_workers, pretokenize, token_dtype
+from daychat.data.textshards import ShardWriter, read_manifest, write_manifest
+from daychat.data.tokens import (META, TokenShards, encode_shard, gather_parts, plan_workers, pretokenize,
+                                 pretokenize_part, token_dtype)
 from daychat.errors import UserError
 from daychat.tokenizer import Tokenizer
 
@@ -188,3 +190,53 @@ def test_stage_missing_input_is_one_error_line(workspace):
     assert result.stderr.startswith("error: [pretokenize] ") and "data/raw/manifest.json not found" in result.stderr
     assert not (workspace / "data/tokens").exists()
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per shard: one job per shard, then a gather (what `snakemake --config per_shard=true` runs)
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_parts_then_gather_is_byte_identical_to_the_full_run(dataset, tokenizer, tokens, tmp_path):
+    parts = tmp_path / "parts"
+    names = [s.name for s in read_manifest(dataset)]
+    assert names == ["shard_00000", "shard_00001", "shard_00002"]
+    for name in names:
+        part = pretokenize_part(dataset, tokenizer, name, parts / name, workers=2, batch_docs=16)
+        assert part["finished"] >= part["started"] and part["shard"]["source"] == f"{name}.parquet"
+    meta, found = gather_parts(dataset, tokenizer, parts, tmp_path / "gathered")
+    assert len(found) == 3 and meta == json.loads((tokens / META).read_text())
+    assert file_hashes(tmp_path / "gathered") == file_hashes(tokens)
+    with pytest.raises(UserError, match="shard 'shard_00009' is not listed in .*manifest.json"):
+        pretokenize_part(dataset, tokenizer, "shard_00009", parts / "x")
+    # a part made with another dtype is refused, a missing one is named
+    pretokenize_part(dataset, tokenizer, "shard_00001", parts / "shard_00001", dtype="uint32")
+    with pytest.raises(UserError, match=r"shard_00001/part.json was made from other inputs"):
+        gather_parts(dataset, tokenizer, parts, tmp_path / "again")
+    shutil.rmtree(parts / "shard_00001")
+    with pytest.raises(UserError, match="shard shard_00001 of .* has no finished part"):
+        gather_parts(dataset, tokenizer, parts, tmp_path / "again2")
+
+
+def test_stage_per_shard_flags_write_what_the_plain_stage_writes(workspace):
+    plain = run_stage("pretokenize", STAGE_ARGS, workspace)
+    assert plain.returncode == 0, plain.stderr
+    shutil.move(workspace / "data/tokens", workspace / "plain")
+    metrics = json.loads((workspace / "reports/metrics/pretokenize.json").read_text())
+    gather = run_stage("pretokenize", [*STAGE_ARGS, "--gather", "--parts", ".cache/parts"], workspace)
+    assert gather.returncode == 2 and "shard shard_00000 of data/raw has no finished part" in gather.stderr
+    for name in ("shard_00000", "shard_00001", "shard_00002"):
+        result = run_stage("pretokenize", [*STAGE_ARGS, "--shard", name, "--parts", ".cache/parts"], workspace)
+        assert result.returncode == 0, result.stderr
+    assert not (workspace / "data/tokens").exists()  # a shard job writes its part only
+    gather = run_stage("pretokenize", [*STAGE_ARGS, "--gather", "--parts", ".cache/parts"], workspace)
+    assert gather.returncode == 0, gather.stderr
+    assert file_hashes(workspace / "data/tokens") == file_hashes(workspace / "plain")
+    gathered = json.loads((workspace / "reports/metrics/pretokenize.json").read_text())
+    volatile = {"tokens_per_s", "mb_per_s", "seconds"}
+    assert {k: v for k, v in gathered.items() if k not in volatile} == {k: v for k, v in metrics.items() if k not in volatile}
+    assert set(gathered) == set(metrics) and gathered["seconds"] > 0

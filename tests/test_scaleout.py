@@ -69,10 +69,13 @@ def cluster_ws(tmp_path_factory) -> Path:
 def test_cluster_path_gives_the_local_outputs(local_ws, cluster_ws):
     ws, out = cluster_ws
     stages = [s.name for s in dag.load_stages(ws) if not s.on_demand]
-    # every stage went through the scheduler as its own job, and all of them exited 0
-    assert len(re.findall(r"Submitted job \d+ with external jobid", out)) == len(stages)
+    # every stage went through the scheduler as its own job, pretokenize as one job per shard of
+    # data/filtered (the profile sets per_shard) plus its gather, and all of them exited 0
+    shards = dag.shard_names(ws / "data/filtered")
+    assert len(re.findall(r"Submitted job \d+ with external jobid", out)) == len(stages) + len(shards)
+    assert set(re.findall(r"--shard (\S+) --parts", out)) == set(shards) and len(shards) >= 3
     exit_codes = [p.read_text().strip() for p in (ws / ".snakemake/local-queue").glob("*.rc")]
-    assert exit_codes == ["0"] * len(stages)
+    assert exit_codes == ["0"] * (len(stages) + len(shards))
     assert_dvc_clean(ws)
     local, cluster = out_hashes(local_ws), out_hashes(ws)
     assert {p: cluster[p] for p in DATA_OUTS} == {p: local[p] for p in DATA_OUTS}
@@ -96,8 +99,9 @@ def test_slurm_profile_sizes_the_stages(local_ws):
     assert profile["executor"] == "slurm"
     sections = set(yaml.safe_load((ROOT / "params.yaml").read_text()))  # every stage has its params section
     named = set(profile["set-threads"]) | set(profile["set-resources"])
-    assert named <= sections, f"slurm profile names no stage: {sorted(named - sections)}"
     stages = dag.load_stages(ROOT)
+    rules = sections | {f"{s.name}_shard" for s in stages if s.shards}  # per_shard: the profile turns it on
+    assert named <= rules and profile["config"]["per_shard"], f"slurm profile names no rule: {sorted(named - rules)}"
     for stage in stages:
         assert stage.on_demand or stage.name in profile["set-threads"], f"{stage.name}: no threads in the slurm profile"
         gpus = profile["set-resources"].get(stage.name, {}).get("gpu", 0)

@@ -15,10 +15,18 @@ On-demand stages (probe, plan) live in a second file, planning/dvc.yaml, with `w
 paths read like the pipeline's: plain `dvc repro` / `dvc exp run` reproduce the root dvc.yaml only, so
 they never run unasked under DVC, and the Snakefile leaves them out of `all`. Snakemake names them like
 any rule (`snakemake probe`); DVC addresses them as planning/dvc.yaml:probe (Stage.address).
+
+Per-shard stages: `meta: {shards: data/filtered}` says a stage's work splits by the shards listed in
+that folder's manifest.json (a dep another stage writes). DVC ignores `meta` and runs the plain command
+(every shard in one process); with `--config per_shard=true` the Snakefile runs the stage as one job per
+shard (`cmd --shard NAME --parts DIR`, each writing DIR/NAME/) and a gather job (`cmd --gather --parts
+DIR`) that assembles the stage's outputs, byte-identical to the plain command's. A shard's NAME is its
+file name in the manifest without the suffix (`shard_00003.parquet` -> `shard_00003`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +36,8 @@ import yaml
 
 SUPPORTED_KEYS = {"cmd", "deps", "params", "outs", "metrics", "plots", "desc", "meta"}
 PLANNING_FILE = "planning/dvc.yaml"  # the on-demand stages; each must say `wdir: ..`
+META_KEYS = {"shards"}  # what workflow/dag.py understands under a stage's `meta:`
+PARTS_ROOT = ".cache/shards"  # per-shard parts, <root>/<stage>/<shard>/: scratch, neither git nor DVC tracks it
 _INTERP = re.compile(r"\$\{\s*([A-Za-z0-9_.\-]+)\s*\}")
 
 
@@ -45,6 +55,7 @@ class Stage:
     metrics: list[str] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
     on_demand: bool = False  # declared in planning/dvc.yaml: outside `all` (probe, plan)
+    shards: str | None = None  # meta.shards: a dep folder whose manifest.json lists the shards the work splits by
 
     @property
     def outputs(self) -> list[str]:
@@ -54,6 +65,11 @@ class Stage:
     def address(self) -> str:
         """How DVC commands name the stage: `probe` would look in the root dvc.yaml only."""
         return f"{PLANNING_FILE}:{self.name}" if self.on_demand else self.name
+
+    @property
+    def parts(self) -> str:
+        """Where the per-shard jobs of this stage write their parts (one folder per shard)."""
+        return f"{PARTS_ROOT}/{self.name}"
 
 
 def load_stages(root: str | Path = ".") -> list[Stage]:
@@ -71,7 +87,35 @@ def load_stages(root: str | Path = ".") -> list[Stage]:
     for name in names:
         if names.count(name) > 1:
             raise DagError(f"stage {name} is declared twice (dvc.yaml and {PLANNING_FILE}): names are Snakemake rules")
+        if f"{name}_shard" in names:
+            raise DagError(f"stage {name}_shard clashes with the per-shard rule of stage {name}: rename it")
+    produced = {out for s in stages for out in s.outputs}
+    for s in stages:
+        if s.shards is not None and (s.shards not in s.deps or s.shards not in produced):
+            raise DagError(f"dvc.yaml: stage {s.name}: meta.shards {s.shards!r} must be one of its deps that another "
+                           "stage writes (a text dataset folder with a manifest.json)")
     return stages
+
+
+def producer(stages: list[Stage], path: str) -> Stage:
+    """The stage that writes `path`."""
+    return next(s for s in stages if path in s.outputs)
+
+
+def shard_names(folder: str | Path) -> list[str]:
+    """The shards listed in `folder/manifest.json`, by name (file name without suffix), in manifest order.
+
+    The same naming as daychat.data.textshards.shard_name; read here with json so that workflow/ does not
+    import the library.
+    """
+    path = Path(folder) / "manifest.json"
+    try:
+        names = [Path(entry["file"]).stem for entry in json.loads(path.read_text())["shards"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DagError(f"{path}: cannot list its shards ({e}); rerun the stage that writes {folder}") from None
+    if len(set(names)) != len(names) or any(not re.fullmatch(r"[A-Za-z0-9_.\-]+", n) for n in names):
+        raise DagError(f"{path}: shard names must be unique file names of letters, digits, '_', '.', '-'")
+    return names
 
 
 def _parse(path: Path, params: dict[str, Any], on_demand: bool) -> list[Stage]:
@@ -98,8 +142,19 @@ def _parse(path: Path, params: dict[str, Any], on_demand: bool) -> list[Stage]:
             metrics=[_resolve(p, params, f"{name}.metrics") for p in _paths(body.get("metrics"))],
             plots=[_resolve(p, params, f"{name}.plots") for p in _paths(body.get("plots"))],
             on_demand=on_demand,
+            shards=_meta(body.get("meta"), params, where, name),
         ))
     return stages
+
+
+def _meta(meta: Any, params: dict[str, Any], where: str, stage: str) -> str | None:
+    if meta is None:
+        return None
+    if not isinstance(meta, dict) or set(meta) - META_KEYS:
+        extra = sorted(set(meta) - META_KEYS) if isinstance(meta, dict) else meta
+        raise DagError(f"{where}: stage {stage}: meta {extra!r} not supported by workflow/dag.py "
+                       f"(it knows {sorted(META_KEYS)})")
+    return _resolve(meta["shards"], params, f"{stage}.meta") if "shards" in meta else None
 
 
 def param_values(stage: Stage, params: dict[str, Any]) -> dict[str, Any]:

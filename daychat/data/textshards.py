@@ -42,6 +42,12 @@ class ShardInfo:
     sha256: str = ""
     origin: str = ""  # where it came from: a URL, a local path, "embedded:stdlib", ...
 
+    @property
+    def name(self) -> str:
+        """The shard's name in per-shard jobs (`--shard NAME`): its file name without the suffix. The
+        Snakefile reads the same names through workflow/dag.shard_names."""
+        return Path(self.file).stem
+
 
 def read_manifest(folder: str | os.PathLike) -> list[ShardInfo]:
     folder = Path(folder)

@@ -14,6 +14,12 @@ Writing streams: a shard is read one row-group batch (`batch_docs` documents) at
 appended to its .bin, so memory stays flat in the corpus size. Shards are spread over processes (one
 shard per process at a time); when there are fewer shards than workers, each process also encodes a
 batch on several threads (tiktoken releases the GIL).
+
+Per shard (a scheduler runs one job per shard, see workflow/dag.py): `pretokenize_part` encodes one
+shard into a part folder, the same two files the full run writes for it plus part.json (its meta.json
+entry and when it ran); `gather_parts` then links every shard's files into the dataset and writes the
+same meta.json. Both paths encode with `_encode_job` and describe with `_build_meta`, so the dataset is
+byte-identical whichever way it was made (tests/test_pretokenize.py checks it).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import json
 import multiprocessing
 import os
 import queue
+import shutil
+import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,13 +38,20 @@ from typing import Callable, Iterator
 import numpy as np
 
 from daychat.cli import progress
-from daychat.data.textshards import iter_text_batches, read_manifest, shard_paths
+from daychat.data.textshards import (
+    ShardInfo,
+    iter_text_batches,
+    read_manifest,
+    shard_paths,
+)
 from daychat.errors import UserError
 from daychat.io import sha256_file, write_json
 from daychat.tokenizer import TIKTOKEN_FILE, Tokenizer
 
 FORMAT = "daychat.tokens/1"
 META = "meta.json"
+PART = "part.json"  # in a part folder: the shard's meta.json entry, dtype, tokenizer hash and timing
+PART_FORMAT = "daychat.tokens.part/1"
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 
@@ -140,6 +155,26 @@ def plan_workers(workers: int, shards: int) -> tuple[int, int]:
     return processes, max(1, workers // processes)
 
 
+def _plan_job(data: Path, tokenizer: Path, shard: ShardInfo, out: Path, np_dtype: np.dtype, batch_docs: int,
+              threads: int) -> _Job:
+    """How one text shard becomes its token files under `out` (the same names in a full run and a part)."""
+    stem = f"{shard.split}/{Path(shard.file).stem}"
+    info = TokenShardInfo(file=f"{stem}.bin", index=f"{stem}.idx.npy", split=shard.split,
+                          source=shard.file, source_sha256=shard.sha256)
+    return _Job(tokenizer, data / shard.file, out, info, np_dtype.name, batch_docs, threads)
+
+
+def _build_meta(tok: Tokenizer, tokenizer: Path, np_dtype: np.dtype, infos: list[TokenShardInfo]) -> dict:
+    return {
+        "format": FORMAT,
+        "dtype": np_dtype.name,
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
+        "tokenizer_sha256": sha256_file(tokenizer / TIKTOKEN_FILE),
+        "shards": [asdict(info) for info in infos],
+    }
+
+
 def pretokenize(data: str | os.PathLike, tokenizer: str | os.PathLike, out: str | os.PathLike,
                 dtype: str = "auto", workers: int = 0, batch_docs: int = 512) -> dict:
     """Encode every shard of the text dataset `data` into token shards under `out`; return meta.json's dict.
@@ -153,28 +188,89 @@ def pretokenize(data: str | os.PathLike, tokenizer: str | os.PathLike, out: str 
     manifest = read_manifest(data)
     shard_paths(data)  # every listed shard must exist: fail before starting workers
     processes, threads = plan_workers(workers, len(manifest))
-    jobs = []
-    for shard in manifest:
-        stem = f"{shard.split}/{Path(shard.file).stem}"
-        info = TokenShardInfo(file=f"{stem}.bin", index=f"{stem}.idx.npy", split=shard.split,
-                              source=shard.file, source_sha256=shard.sha256)
-        jobs.append(_Job(tokenizer, data / shard.file, out, info, np_dtype.name, batch_docs, threads))
+    jobs = [_plan_job(data, tokenizer, shard, out, np_dtype, batch_docs, threads) for shard in manifest]
     total_chars = sum(s.chars for s in manifest) or None
     with progress(total=total_chars, desc="pretokenize", unit="char", unit_scale=True) as bar:
         if processes == 1:
             infos = [_encode_job(job, bar.update) for job in jobs]
         else:
             infos = _run_in_pool(jobs, processes, bar.update)
-    meta = {
-        "format": FORMAT,
-        "dtype": np_dtype.name,
-        "vocab_size": tok.vocab_size,
-        "bos_id": tok.bos_id,
-        "tokenizer_sha256": sha256_file(tokenizer / TIKTOKEN_FILE),
-        "shards": [asdict(info) for info in infos],
-    }
+    meta = _build_meta(tok, tokenizer, np_dtype, infos)
     write_json(out / META, meta)
     return meta
+
+
+def pretokenize_part(data: str | os.PathLike, tokenizer: str | os.PathLike, shard: str, out: str | os.PathLike,
+                     dtype: str = "auto", workers: int = 0, batch_docs: int = 512) -> dict:
+    """Encode the one shard named `shard` of `data` into the part folder `out`; return part.json's dict.
+
+    `out` gets the shard's .bin and .idx.npy under the names a full run gives them, and part.json. As in
+    `pretokenize`, the caller makes `out` atomic, so a part folder that exists is a finished part.
+    """
+    data, tokenizer, out = Path(data), Path(tokenizer), Path(out)
+    started = time.time()  # wall clock, comparable across the machines that run the parts
+    tok = Tokenizer.load(tokenizer)
+    np_dtype = token_dtype(tok.vocab_size, dtype)
+    manifest = read_manifest(data)
+    found = [s for s in manifest if s.name == shard]
+    if not found:
+        raise UserError(f"shard {shard!r} is not listed in {data / 'manifest.json'} "
+                        f"(it lists {', '.join(s.name for s in manifest)})")
+    _, threads = plan_workers(workers, 1)  # one shard: the cores go to threads
+    job = _plan_job(data, tokenizer, found[0], out, np_dtype, batch_docs, threads)
+    with progress(total=found[0].chars or None, desc=f"pretokenize {shard}", unit="char", unit_scale=True) as bar:
+        info = _encode_job(job, bar.update)
+    part = {"format": PART_FORMAT, "dtype": np_dtype.name, "tokenizer_sha256": sha256_file(tokenizer / TIKTOKEN_FILE),
+            "shard": asdict(info), "started": started, "finished": time.time()}
+    write_json(out / PART, part)
+    return part
+
+
+def gather_parts(data: str | os.PathLike, tokenizer: str | os.PathLike, parts: str | os.PathLike,
+                 out: str | os.PathLike, dtype: str = "auto") -> tuple[dict, list[dict]]:
+    """Assemble the token dataset `out` from the finished parts `parts/<shard>/` of every shard of `data`;
+    return (meta.json's dict, the parts' part.json dicts).
+
+    A part is checked against what the dataset needs now (the shard's sha256 in the manifest, the
+    tokenizer's hash, the dtype), so a part left from other inputs is never taken. Files are hard-linked
+    (no copy, and the part stays as it was) or copied where a link is impossible (another filesystem).
+    """
+    data, tokenizer, parts, out = Path(data), Path(tokenizer), Path(parts), Path(out)
+    tok = Tokenizer.load(tokenizer)
+    np_dtype = token_dtype(tok.vocab_size, dtype)
+    tokenizer_sha256 = sha256_file(tokenizer / TIKTOKEN_FILE)
+    found, infos = [], []
+    for shard in read_manifest(data):
+        path = parts / shard.name / PART
+        if not path.is_file():
+            raise UserError(f"{path} not found: shard {shard.name} of {data} has no finished part "
+                            f"(run `pretokenize.py --shard {shard.name} --parts {parts}` first)")
+        try:
+            part = json.loads(path.read_text(encoding="utf-8"))
+            info = TokenShardInfo(**part["shard"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is corrupt ({e}); delete {path.parent} and rerun its shard job") from None
+        if (part.get("format"), info.source_sha256, part.get("tokenizer_sha256"), part.get("dtype")) != \
+                (PART_FORMAT, shard.sha256, tokenizer_sha256, np_dtype.name):
+            raise UserError(f"{path} was made from other inputs (shard, tokenizer or dtype changed); "
+                            f"delete {path.parent} and rerun its shard job")
+        for name in (info.file, info.index):
+            _link_or_copy(path.parent / name, out / name)
+        found.append(part)
+        infos.append(info)
+    meta = _build_meta(tok, tokenizer, np_dtype, infos)
+    write_json(out / META, meta)
+    return meta, found
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copyfile(src, dst)
 
 
 def _run_in_pool(jobs: list[_Job], processes: int, on_batch: Callable[[int], None]) -> list[TokenShardInfo]:
