@@ -41,7 +41,7 @@ from daychat.model import GPT, GPTConfig
 from daychat.model.fp8 import convert_to_fp8, fp8_supported
 from daychat.optim import build_optimizers
 from daychat.params import load_section
-from daychat.plan.preflight import available_bytes, check_fits
+from daychat.plan.preflight import preflight
 from daychat.tokenizer import Tokenizer
 from daychat.train import distributed
 from daychat.train.checkpoint import Checkpointer, run_fingerprint, write_model_folder
@@ -226,16 +226,10 @@ def data_parallel(p) -> distributed.Distributed | None:
 
 def preflight_memory(p, config: GPTConfig, plan, device: torch.device) -> None:
     """Stop in one line if the estimated peak (longest seq_len, device_batch rows) exceeds the card."""
-    budget = available_bytes(device, p.memory_gib)
-    if budget is None:
-        status(NAME, "memory preflight skipped: a CPU run with pretrain.memory_gib 0 (set it to check a card)")
-        return
-    source = f"pretrain.memory_gib {p.memory_gib:g} GiB" if p.memory_gib > 0 else f"{device_name(device)} {budget / 2**30:.1f} GiB"
-    est = check_fits(config, plan.device_batch, plan.max_seq_len, budget_bytes=budget, margin=p.memory_margin,
-                     precision=p.precision, compile=p.compile, activation_checkpointing=p.activation_checkpointing,
-                     device=device.type, section=NAME, total_batch=plan.total_batch, budget_source=source,
-                     ema=p.ema_halflife_tokens > 0)
-    status(NAME, f"memory preflight: estimated {est.describe()}; fits {source}")
+    preflight(NAME, config, plan.device_batch, plan.max_seq_len, device, memory_gib=p.memory_gib,
+              margin=p.memory_margin, card=device_name(device), say=lambda line: status(NAME, line),
+              precision=p.precision, compile=p.compile, activation_checkpointing=p.activation_checkpointing,
+              total_batch=plan.total_batch, ema=p.ema_halflife_tokens > 0)
 
 
 def parse_args() -> argparse.Namespace:

@@ -39,7 +39,7 @@ from daychat.errors import UserError
 from daychat.io import sha256_file, write_metrics
 from daychat.optim import build_optimizers
 from daychat.params import load_section
-from daychat.plan.preflight import available_bytes, check_fits
+from daychat.plan.preflight import preflight
 from daychat.sft.batches import SftBatches, build_mixture, evaluate_loss, val_batches
 from daychat.sft.sources import parse_sources
 from daychat.tokenizer import Tokenizer
@@ -198,15 +198,9 @@ def main() -> None:
 def preflight_memory(p, config, device: torch.device) -> None:
     """Stop in one line if the estimated peak (sft.device_batch rows of sft.seq_len on the base model's
     shapes) exceeds the card; only sft.device_batch / seq_len are offered as knobs (the model is the base's)."""
-    budget = available_bytes(device, p.memory_gib)
-    if budget is None:
-        status(NAME, "memory preflight skipped: a CPU run with sft.memory_gib 0 (set it to check a card)")
-        return
-    source = f"sft.memory_gib {p.memory_gib:g} GiB" if p.memory_gib > 0 else f"{device_name(device)} {budget / 2**30:.1f} GiB"
-    est = check_fits(config, p.device_batch, p.seq_len, budget_bytes=budget, margin=p.memory_margin,
-                     precision=p.precision, compile=p.compile, device=device.type, section=NAME,
-                     total_batch=p.total_batch, budget_source=source, tunes_model=False)
-    status(NAME, f"memory preflight: estimated {est.describe()}; fits {source}")
+    preflight(NAME, config, p.device_batch, p.seq_len, device, memory_gib=p.memory_gib, margin=p.memory_margin,
+              card=device_name(device), say=lambda line: status(NAME, line), precision=p.precision,
+              compile=p.compile, total_batch=p.total_batch, tunes_model=False)
 
 
 def parse_args() -> argparse.Namespace:

@@ -68,21 +68,22 @@ def cluster_ws(tmp_path_factory) -> Path:
 
 def test_cluster_path_gives_the_local_outputs(local_ws, cluster_ws):
     ws, out = cluster_ws
-    stages = [s.name for s in dag.load_stages(ws) if not s.on_demand]
-    # every stage went through the scheduler as its own job, pretokenize as one job per shard of
-    # data/filtered (the profile sets per_shard) plus its gather, and all of them exited 0
-    shards = dag.shard_names(ws / "data/filtered")
-    assert len(re.findall(r"Submitted job \d+ with external jobid", out)) == len(stages) + len(shards)
-    assert set(re.findall(r"--shard (\S+) --parts", out)) == set(shards) and len(shards) >= 3
+    all_stages = [s for s in dag.load_stages(ws) if not s.on_demand]
+    # every stage went through the scheduler as its own job, a sharded stage (meta.shards; the profile
+    # sets per_shard) as one job per shard of its shards folder plus its gather, and all of them exited 0
+    shard_jobs = {f"{s.name}:{name}" for s in all_stages if s.shards for name in dag.shard_names(ws / s.shards)}
+    jobs = len(all_stages) + len(shard_jobs)
+    assert len(re.findall(r"Submitted job \d+ with external jobid", out)) == jobs
+    assert len(re.findall(r"--shard (\S+) --parts", out)) == len(shard_jobs) >= 3
     exit_codes = [p.read_text().strip() for p in (ws / ".snakemake/local-queue").glob("*.rc")]
-    assert exit_codes == ["0"] * (len(stages) + len(shards))
+    assert exit_codes == ["0"] * jobs
     assert_dvc_clean(ws)
     local, cluster = out_hashes(local_ws), out_hashes(ws)
     assert {p: cluster[p] for p in DATA_OUTS} == {p: local[p] for p in DATA_OUTS}
     assert (ws / "models/tokenizer/tokenizer.tiktoken").read_bytes() == \
         (local_ws / "models/tokenizer/tokenizer.tiktoken").read_bytes()
     metrics = stable_metrics(ws)
-    assert set(metrics) == set(stages) - {"core_eval"} | {"core"}
+    assert set(metrics) == {s.name for s in all_stages} - {"core_eval"} | {"core"}
     assert metrics == stable_metrics(local_ws)
     # the comparison is not empty: the results that matter are in it
     assert {"val_bpb", "train_loss"} <= set(metrics["pretrain"]) and "core_subset" in metrics["core"]

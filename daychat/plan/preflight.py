@@ -25,6 +25,22 @@ from daychat.plan.memory import (
 )
 
 
+def preflight(section: str, config: GPTConfig, device_batch: int, seq_len: int, device, *, memory_gib: float,
+              margin: float, card: str, say, **settings) -> MemoryEstimate | None:
+    """A training stage's check before it allocates anything: `check_fits` against `memory_gib` or the card
+    (named `card` in messages), or skipped on a CPU without memory_gib; one status line through `say`
+    either way. `settings` go to check_fits (precision, compile, total_batch, ...)."""
+    budget = available_bytes(device, memory_gib)
+    if budget is None:
+        say(f"memory preflight skipped: a CPU run with {section}.memory_gib 0 (set it to check a card)")
+        return None
+    source = f"{section}.memory_gib {memory_gib:g} GiB" if memory_gib > 0 else f"{card} {budget / GiB:.1f} GiB"
+    est = check_fits(config, device_batch, seq_len, budget_bytes=budget, margin=margin,
+                     device=getattr(device, "type", device), section=section, budget_source=source, **settings)
+    say(f"memory preflight: estimated {est.describe()}; fits {source}")
+    return est
+
+
 def available_bytes(device, memory_gib: float = 0.0) -> int | None:
     """The memory a run may use: `memory_gib` when set (> 0: plan for another card, or force it in tests),
     else the CUDA card's total memory, else None (a CPU: unknown, the check is skipped)."""
