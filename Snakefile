@@ -2,6 +2,7 @@
 #   snakemake --cores 8 all                      the recipe in params.yaml, here
 #   snakemake --cores 2 -d runs/demo all         a recipe's own workspace (see workflow/workspace.py)
 #   snakemake --config per_shard=true ...        stages with `meta: {shards: ...}` as one job per shard + a gather
+#                                                (`shards: self`: after a `<stage>_list` job that lists them)
 import importlib.util
 import os
 import subprocess
@@ -27,20 +28,22 @@ def _output(path):
 # Per-shard mode (off unless `--config per_shard=true`, as the cluster profiles set it): a stage with
 # `meta: {shards: FOLDER}` becomes a `<stage>_shard` rule, one job per shard listed in FOLDER/manifest.json,
 # and its own rule gathers the parts. The shard list is known only once FOLDER is written, so the stage
-# that writes it is a checkpoint: Snakemake re-plans the DAG after it ran.
+# that writes it is a checkpoint: Snakemake re-plans the DAG after it ran. A stage with `meta: {shards:
+# self}` (download) has no such folder: a cheap `<stage>_list` checkpoint runs `cmd --list --parts DIR`,
+# which writes DIR/shards.json, and the shard jobs follow that list.
 _PER_SHARD = {True: True, False: False, "true": True, "false": False}.get(config.get("per_shard", False))
 if _PER_SHARD is None:  # a bool from a profile's `config:`, a string from --config
     raise WorkflowError(f"--config per_shard={config['per_shard']!r}: use true or false")
 _SHARDED = [s for s in _STAGES if s.shards] if _PER_SHARD else []
-_CHECKPOINTS = {_dag.producer(_STAGES, s.shards).name for s in _SHARDED}
+_CHECKPOINTS = {_dag.producer(_STAGES, s.shards).name for s in _SHARDED if not s.lists_shards}
 
 
 def _parts_of(stage):
     """Input function of a gathering rule: the part folder of every shard, once the checkpoint ran."""
-    producer = _dag.producer(_STAGES, stage.shards).name
+    lister = f"{stage.name}_list" if stage.lists_shards else _dag.producer(_STAGES, stage.shards).name
     def parts(wildcards):
-        getattr(checkpoints, producer).get()  # raises until the shards folder exists and is up to date
-        return [f"{stage.parts}/{name}" for name in _dag.shard_names(stage.shards)]
+        getattr(checkpoints, lister).get()  # raises until the shard list exists and is up to date
+        return [f"{stage.parts}/{name}" for name in _dag.shard_names_of(".", stage)]
     return parts
 
 
@@ -51,12 +54,13 @@ rule all:
 
 for _stage in _STAGES:
     _sharded = _stage in _SHARDED
+    _listed = [_stage.shard_list] if _sharded and _stage.lists_shards else []  # the shard and gather jobs read it
     # The command travels in params (a shell string built in this loop would be formatted late, with
     # the last stage's values); the declared params.yaml sections ride along so that editing one
     # reruns this stage and what is downstream of it. A gathering rule also waits for every part.
     _rule = dict(
         name=_stage.name,
-        input=[_stage.deps, _parts_of(_stage)] if _sharded else _stage.deps,
+        input=[_stage.deps + _listed, _parts_of(_stage)] if _sharded else _stage.deps,
         output=[_output(p) for p in _stage.outputs],
         params=dict(cmd=_stage.cmd, **_dag.param_values(_stage, _PARAMS)),
         shell="{params.cmd} --gather --parts " + _stage.parts if _sharded else "{params.cmd}",
@@ -80,12 +84,22 @@ for _stage in _STAGES:
             # every core, and Snakemake caps that at --cores (it also sets OMP_NUM_THREADS, else 1).
             threads: os.cpu_count() or 1
             shell: _rule["shell"]
+    if _listed:
+        # The stage lists its own shards (names and what each is made from) into its parts folder; kept
+        # after the run (a few kB), so that a later run knows the shards without listing them again.
+        checkpoint:
+            name: f"{_stage.name}_list"
+            input: _stage.deps
+            output: _stage.shard_list
+            params: cmd=_stage.cmd, parts=_stage.parts, **_dag.param_values(_stage, _PARAMS)
+            threads: 1
+            shell: "{params.cmd} --list --parts {params.parts}"
     if _sharded:
         # One job per shard: the stage's command on that shard alone, into its part folder (scratch that
         # neither git nor DVC tracks; temp: Snakemake deletes it once the gather has run).
         rule:
             name: f"{_stage.name}_shard"
-            input: _stage.deps
+            input: _stage.deps + _listed
             output: temp(directory(f"{_stage.parts}/{{shard}}"))
             params: cmd=_stage.cmd, parts=_stage.parts, **_dag.param_values(_stage, _PARAMS)
             wildcard_constraints: shard=r"[A-Za-z0-9_.\-]+"

@@ -10,14 +10,25 @@ and detail, all or a seeded sample), models/quality/ (model.ftz or model.bin + m
 meta.json when the classifier is off) and flat metrics: docs_in, docs_out, dropped_<reason> for every
 reason, stripped_chars, classifier_precision/recall on the held-out split, docs_per_s, mb_per_s, seconds.
 The cache folder (the download stage's) keeps classifier sources fetched over http(s).
+
+Per shard (what `snakemake --config per_shard=true` runs, one job per shard, see workflow/dag.py), the
+same command with
+    --shard NAME --parts DIR    runs language ID and the heuristics on shard NAME of --data into DIR/NAME/
+                                (its survivors, audit rows and counts; writes nothing else)
+    --gather --parts DIR        trains the classifier on the parts' survivors, scores them and writes
+                                --out, --model-out and --metrics, byte for byte what the plain command
+                                writes (timings aside); `seconds` then runs from the first part's start.
+Scoring stays in the gather: it needs the classifier, trained on a sample across every shard.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 
 from daychat.cli import run, status
-from daychat.data.quality import filter_dataset
+from daychat.data.quality import filter_dataset, filter_part
 from daychat.io import atomic_dir, write_metrics
 from daychat.params import load_section
 
@@ -27,11 +38,20 @@ NAME = "quality"
 def main() -> None:
     args = parse_args()
     p = load_section(NAME)
+    if args.shard:
+        t0 = time.perf_counter()
+        status(NAME, f"filtering shard {args.shard} of {args.data} into {args.parts}/{args.shard}")
+        with atomic_dir(Path(args.parts) / args.shard) as tmp:
+            part = filter_part(p, args.data, args.shard, tmp)
+        tally = part["tally"]
+        status(NAME, f"shard {args.shard}: kept {tally['kept']:,} of {tally['docs']:,} docs before the classifier "
+                     f"in {time.perf_counter() - t0:.1f}s")
+        return
     parts = [name for name, on in (("language ID", p.lid), (f"{len(p.heuristics)} heuristics", p.heuristics),
                                    ("classifier", p.classifier)) if on]
     status(NAME, f"{args.data} -> {args.out}: {', '.join(parts) or 'no filter'}")
     with atomic_dir(args.model_out) as model_tmp, atomic_dir(args.out) as out_tmp:
-        result = filter_dataset(p, args.data, out_tmp, model_tmp, args.cache)
+        result = filter_dataset(p, args.data, out_tmp, model_tmp, args.cache, args.parts if args.gather else None)
     write_metrics(args.metrics, result.metrics())
     status(NAME, result.summary())
 
@@ -43,7 +63,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="filtered text dataset folder to write")
     parser.add_argument("--cache", default=".cache/download", help="download cache for http(s) classifier sources")
     parser.add_argument("--metrics", required=True, help="flat metrics JSON to write")
-    return parser.parse_args()
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--shard", help="filter only this shard (its manifest file name without suffix) into --parts")
+    mode.add_argument("--gather", action="store_true", help="write the outputs from the parts in --parts")
+    parser.add_argument("--parts", help="folder of per-shard parts, one subfolder per shard (with --shard/--gather)")
+    args = parser.parse_args()
+    if bool(args.shard or args.gather) != bool(args.parts):
+        parser.error("--parts goes with --shard NAME or --gather, and they need it")
+    return args
 
 
 if __name__ == "__main__":

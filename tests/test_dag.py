@@ -63,19 +63,59 @@ def test_per_shard_mode_adds_a_shard_rule_and_a_checkpoint():
     rules = snakemake_rules(ROOT, "per_shard=true")
     stages = {s.name: s for s in dag.load_stages(ROOT)}
     sharded = [s for s in stages.values() if s.shards]
-    assert [s.name for s in sharded] == ["pretokenize"] and stages["pretokenize"].shards == "data/filtered"
-    assert set(rules) - {"all"} == set(stages) | {"pretokenize_shard"}
-    assert [n for n, r in rules.items() if r["checkpoint"]] == ["quality"]  # writes data/filtered
-    shard, gather = rules["pretokenize_shard"], rules["pretokenize"]
-    cmd = stages["pretokenize"].cmd
-    assert shard["params"]["cmd"] == gather["params"]["cmd"] == cmd  # the stage's command, plus flags
-    assert shard["shell"] == "{params.cmd} --shard {wildcards.shard} --parts {params.parts}"
-    assert shard["params"]["parts"] == ".cache/shards/pretokenize"
-    assert gather["shell"] == "{params.cmd} --gather --parts .cache/shards/pretokenize"
-    assert shard["input"] == gather["input"][:-1] == stages["pretokenize"].deps  # [-1]: the parts, via the checkpoint
-    assert shard["output"] == [".cache/shards/pretokenize/{shard,[A-Za-z0-9_.\\-]+}"]
-    assert shard["params"]["pretokenize"] == gather["params"]["pretokenize"]  # a params edit reruns the shards
-    assert sorted(gather["output"]) == sorted(stages["pretokenize"].outputs)
+    assert {"dedup": "data/raw", "quality": "data/dedup", "pretokenize": "data/filtered"}.items() <= \
+        {s.name: s.shards for s in sharded}.items()
+    assert set(rules) - {"all"} == set(stages) | {rule for s in sharded for rule in s.per_shard_rules}
+    # the stages that write a shards folder (download: data/raw, dedup: data/dedup, quality: data/filtered),
+    # and the list job of a stage that lists its own shards (download)
+    assert {n for n, r in rules.items() if r["checkpoint"]} == \
+        {dag.producer(list(stages.values()), s.shards).name for s in sharded if not s.lists_shards} | \
+        {f"{s.name}_list" for s in sharded if s.lists_shards} >= {"download", "dedup", "quality", "download_list"}
+    for stage in sharded:
+        shard, gather = rules[f"{stage.name}_shard"], rules[stage.name]
+        assert shard["params"]["cmd"] == gather["params"]["cmd"] == stage.cmd  # the stage's command, plus flags
+        assert shard["shell"] == "{params.cmd} --shard {wildcards.shard} --parts {params.parts}"
+        assert shard["params"]["parts"] == f".cache/shards/{stage.name}"
+        assert gather["shell"] == f"{{params.cmd}} --gather --parts .cache/shards/{stage.name}"
+        # [-1]: the parts, via the checkpoint; a stage that lists its own shards also reads its list
+        assert shard["input"] == gather["input"][:-1] == stage.deps + [stage.shard_list] * stage.lists_shards
+        assert shard["output"] == [f".cache/shards/{stage.name}/{{shard,[A-Za-z0-9_.\\-]+}}"]
+        assert shard["params"][stage.name] == gather["params"][stage.name]  # a params edit reruns the shards
+        assert sorted(gather["output"]) == sorted(stage.outputs)
+
+
+def test_a_stage_that_lists_its_own_shards_gets_a_list_checkpoint():
+    rules = snakemake_rules(ROOT, "per_shard=true")
+    stage = next(s for s in dag.load_stages(ROOT) if s.name == "download")
+    assert stage.shards == dag.SELF and stage.lists_shards and stage.per_shard_rules == ["download_list", "download_shard"]
+    listing = rules["download_list"]
+    assert listing["checkpoint"] and listing["input"] == stage.deps  # no network, no upstream data: params and code
+    assert listing["output"] == [".cache/shards/download/shards.json"] == [stage.shard_list]
+    assert listing["shell"] == "{params.cmd} --list --parts {params.parts}"
+    assert listing["params"]["cmd"] == stage.cmd and listing["params"]["parts"] == ".cache/shards/download"
+    assert listing["params"]["download"] == rules["download_shard"]["params"]["download"]  # a params edit relists
+    assert rules["download"]["shell"] == "{params.cmd} --gather --parts .cache/shards/download"
+    # per_shard off: none of it (test_snakemake_rules_agree_with_dvc_index checks the rules are the plain ones)
+    assert not {"download_list", "download_shard"} & set(snakemake_rules(ROOT))
+
+
+def test_shard_names_of_reads_the_manifest_or_the_stages_own_list(tmp_path):
+    (tmp_path / "params.yaml").write_text("a: {n: 1}\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  w:\n    cmd: echo\n    outs: [d]\n    meta: {shards: self}\n"
+                                       "  s:\n    cmd: echo\n    deps: [d]\n    meta: {shards: d}\n")
+    w, s = dag.load_stages(tmp_path)
+    assert (w.shards, w.lists_shards, s.lists_shards) == ("self", True, False)
+    with pytest.raises(dag.DagError, match=r"shards.json: cannot list its shards .*rerun the stage's list job"):
+        dag.shard_names_of(tmp_path, w)
+    (tmp_path / ".cache/shards/w").mkdir(parents=True)
+    (tmp_path / ".cache/shards/w/shards.json").write_text(json.dumps({"shards": [{"name": "shard_00000"}, {"name": "x"}]}))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/manifest.json").write_text(json.dumps({"shards": [{"file": "shard_00007.parquet"}]}))
+    assert dag.shard_names_of(tmp_path, w) == ["shard_00000", "x"] and dag.shard_names_of(tmp_path, s) == ["shard_00007"]
+    for names, error in ((["a", "a"], "must be unique"), (["a/b"], "must be unique"), (["shards.json"], "may not be named")):
+        (tmp_path / ".cache/shards/w/shards.json").write_text(json.dumps({"shards": [{"name": n} for n in names]}))
+        with pytest.raises(dag.DagError, match=error):
+            dag.shard_names_of(tmp_path, w)
 
 
 def test_meta_shards_is_checked(tmp_path):
@@ -84,6 +124,7 @@ def test_meta_shards_is_checked(tmp_path):
     (tmp_path / "dvc.yaml").write_text(head + "    meta: {shards: d}\n")
     assert [s.shards for s in dag.load_stages(tmp_path)] == [None, "d"]
     for meta, error in (("{shards: e}", "must be one of its deps that another stage writes"),
+                        ("{shards: Self}", r"meta.shards 'Self' must be one of its deps .*or 'self'"),
                         ("{shards: x}", "must be one of its deps"),
                         ("{on_demand: true}", r"meta \['on_demand'\] not supported")):
         (tmp_path / "dvc.yaml").write_text(head + f"    meta: {meta}\n")

@@ -330,3 +330,69 @@ def test_stage_empty_input_is_one_error_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "holds no documents" in errors[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "data/dedup").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per shard: one signature job per shard, then a gather (what `snakemake --config per_shard=true` runs)
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def near_duplicate_shards() -> list:
+    rng = random.Random(1)  # 36 documents, each twice or three times, edited: exact and near duplicates
+    bases = [[f"w{rng.randrange(400)}" for _ in range(50)] for _ in range(12)]
+    docs = [(f"d{i}", " ".join(w if rng.random() > 0.04 * (i % 3) else "x" for w in bases[i % 12]))
+            for i in range(36)]
+    return [("train", docs[:15]), ("train", docs[15:28]), ("val", docs[28:] + [("v", docs[29][1])])]
+
+
+def test_parts_then_gather_is_byte_identical_to_the_plain_run(tmp_path):
+    plain, _, one = run_dedup(tmp_path, near_duplicate_shards(), "plain")
+    assert plain.exact_duplicates > 0 and plain.near_duplicates > 0 and plain.removed_val > 0
+    data, parts, p = tmp_path / "raw", tmp_path / "parts", params()
+    names = [s.name for s in read_manifest(data)]
+    for name in names:
+        (parts / name).mkdir(parents=True)
+        part = dd.sign_part(data, name, parts / name, p)
+        assert part["finished"] >= part["started"] and part["file"] == f"{name}.parquet"
+    (tmp_path / "gathered").mkdir()
+    gathered = dd.dedup(data, tmp_path / "gathered", p, parts=parts)
+    assert file_hashes(tmp_path / "gathered") == file_hashes(one) and len(file_hashes(one)) == 5
+    timings = {k for k in plain.metrics(p) if k.endswith(("seconds", "_per_s"))}
+    assert {k: v for k, v in gathered.metrics(p).items() if k not in timings} == \
+        {k: v for k, v in plain.metrics(p).items() if k not in timings}
+    # an unknown shard, a part signed with other params, a missing part: one line each
+    with pytest.raises(UserError, match=r"shard 'shard_00009' is not listed in .*manifest.json \(it lists shard_00000"):
+        dd.sign_part(data, "shard_00009", tmp_path, p)
+    dd.sign_part(data, "shard_00001", parts / "shard_00001", params(ngram=3))
+    with pytest.raises(UserError, match=r"shard_00001/part.json was made from other inputs .*delete .*shard_00001"):
+        dd.dedup(data, tmp_path / "again", p, parts=parts)
+    for name in ("part.json", "signatures.npz"):
+        (parts / "shard_00001" / name).unlink()
+    with pytest.raises(UserError, match=r"shard shard_00001 of .*raw has no finished part \(run `dedup.py --shard"):
+        dd.dedup(data, tmp_path / "again", p, parts=parts)
+
+
+def test_stage_per_shard_flags_write_what_the_plain_stage_writes(tmp_path):
+    make_dataset(tmp_path / "data/raw", near_duplicate_shards())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"dedup": {"workers": 1}}))
+    args = ["--data", "data/raw", "--out", "data/dedup", "--metrics", "reports/metrics/dedup.json"]
+    assert run_stage("dedup", args, tmp_path).returncode == 0
+    plain = json.loads((tmp_path / "reports/metrics/dedup.json").read_text())
+    (tmp_path / "data/dedup").rename(tmp_path / "plain")
+    for name in ("shard_00000", "shard_00001", "shard_00002"):
+        proc = run_stage("dedup", [*args, "--shard", name, "--parts", ".cache/parts"], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "data/dedup").exists()  # a shard job writes its part only
+    proc = run_stage("dedup", [*args, "--gather", "--parts", ".cache/parts"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert file_hashes(tmp_path / "data/dedup") == file_hashes(tmp_path / "plain")
+    gathered = json.loads((tmp_path / "reports/metrics/dedup.json").read_text())
+    timings = {k for k in plain if k.endswith(("seconds", "_per_s"))}
+    assert {k: v for k, v in gathered.items() if k not in timings} == {k: v for k, v in plain.items() if k not in timings}
+    assert set(gathered) == set(plain) and gathered["signatures_seconds"] > 0
+    proc = run_stage("dedup", [*args, "--gather"], tmp_path)
+    assert proc.returncode == 2 and "--parts goes with --shard NAME or --gather" in proc.stderr

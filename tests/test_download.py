@@ -378,3 +378,103 @@ def test_stage_writes_shards_manifest_and_metrics(tmp_path):
     assert metrics["shards"] == 2 and metrics["val_shards"] == 1
     assert len(read_manifest(tmp_path / "ws/data/raw")) == 2
     assert [p.name for p in (tmp_path / "ws/data").iterdir()] == ["raw"]  # no temporary folder left
+
+
+# ----------------------------------------------------------------------------------------------------
+# per shard: list, one job per shard, gather == the plain run
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def per_shard(p, parts: Path, out: Path, cache: Path) -> sources.Download:
+    """What the stage's --list, --shard NAME (one per listed shard) and --gather do, in process."""
+    plan = sources.plan_shards(p)
+    parts.mkdir()
+    (parts / sources.PLAN).write_text(json.dumps(plan))
+    for shard in reversed(plan["shards"]):  # any order: the jobs are independent
+        (parts / shard["name"]).mkdir()
+        sources.download_part(p, parts, shard["name"], parts / shard["name"], cache, backoff_s=0)
+    out.mkdir()
+    result = sources.gather_parts(p, parts, out)
+    write_manifest(out, result.shards, **result.about)
+    return result
+
+
+def stream_corpus(tmp_path: Path) -> Path:
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "a.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i} " + "some words " * (i % 9 + 3)})
+                                           for i in range(60)) + "\n", encoding="utf-8")
+    (src / "b.txt").write_bytes(b"bad bytes \xff here " * 20)
+    (src / "c.txt").write_bytes(b"  \n")  # empty: skipped
+    return src
+
+
+@pytest.mark.parametrize("source", ["url", "local-parquet", "local-stream", "local-lone-shard", "embedded"])
+def test_list_shards_gather_equals_the_plain_run(tmp_path, mirror, source):
+    if source == "url":
+        for i in range(4):
+            mirror.files[f"shard_{i:05d}.parquet"] = parquet_bytes(tmp_path, f"s{i}", texts_of(i, 5), "text")
+        p = url_params(mirror, shards=4)
+    elif source == "local-parquet":
+        p = params(source="local", path=str(MIXED))
+    elif source == "local-stream":
+        p = params(source="local", path=str(stream_corpus(tmp_path)), shard_chars=1500)
+    elif source == "local-lone-shard":  # max_chars cuts a document; one shard is split into train | val
+        p = params(source="local", path=str(stream_corpus(tmp_path) / "a.jsonl"), max_chars=2000)
+    else:  # the package descriptions alone: the same code path as the demo's, in a fraction of a second
+        p = params(source="embedded", include=["packages"], shard_chars=200_000, max_chars=700_000)
+    plain = build(p, tmp_path / "plain", tmp_path / "cache-plain")
+    gathered = per_shard(p, tmp_path / "parts", tmp_path / "raw", tmp_path / "cache")
+    assert len(plain.shards) >= 2 and file_hashes(tmp_path / "raw") == file_hashes(tmp_path / "plain")
+    timing = {"seconds", "mb_per_s"}
+    assert {k: v for k, v in gathered.metrics().items() if k not in timing} == \
+        {k: v for k, v in plain.metrics().items() if k not in timing}
+    assert gathered.notes == plain.notes and gathered.summary().split(";")[0] == plain.summary().split(";")[0]
+    if source == "local-stream":
+        assert plain.metrics()["replaced_chars"] == 20 and plain.metrics()["skipped_docs"] == 1
+    if source == "url":  # the shard jobs went through their cache: a second round fetches nothing
+        assert gathered.metrics()["download_bytes"] > 0
+        again = per_shard(p, tmp_path / "parts2", tmp_path / "raw2", tmp_path / "cache")
+        assert again.metrics()["download_bytes"] == 0 and again.metrics()["cached_shards"] == 4
+
+
+def test_hf_shards_are_listed_without_the_network():
+    plan = sources.plan_shards(params(source="hf", dataset="fineweb-edu", shards=3))
+    assert [s["name"] for s in plan["shards"]] == ["shard_00000", "shard_00001", "shard_00002"]
+    assert plan["shards"][2]["url"].endswith("/shard_01822.parquet") and plan["shards"][2]["split"] == "val"
+
+
+def stage(workspace: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "stages/download.py"), "--out", "data/raw", "--cache",
+                           ".cache/download", "--metrics", "reports/metrics/download.json", *args],
+                          cwd=workspace, capture_output=True, text=True)
+
+
+def test_stage_per_shard_errors_are_one_line(tmp_path):
+    ws = tmp_path / "ws"
+    stream_corpus(ws.parent)
+    assert run_stage(ws, {"source": "local", "path": "../corpus", "shard_chars": 1500}).returncode == 0
+    plain = file_hashes(ws / "data/raw")
+    parts = ".cache/shards/download"
+
+    def error(*args: str) -> str:
+        proc = stage(ws, *args)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        return lines[0]
+
+    assert "not listed yet" in error("--shard", "shard_00000", "--parts", parts)
+    assert stage(ws, "--list", "--parts", parts).returncode == 0
+    names = [s["name"] for s in json.loads((ws / parts / sources.PLAN).read_text())["shards"]]
+    assert "shard 'nope' is not listed in" in error("--shard", "nope", "--parts", parts)
+    for name in names[:-1]:
+        assert stage(ws, "--shard", name, "--parts", parts).returncode == 0
+    assert f"{names[-1]}/part.json not found" in error("--gather", "--parts", parts)
+    assert stage(ws, "--shard", names[-1], "--parts", parts).returncode == 0
+    assert stage(ws, "--gather", "--parts", parts).returncode == 0
+    assert file_hashes(ws / "data/raw") == plain
+    (ws / "params.yaml").write_text(yaml.safe_dump({"download": {"source": "local", "path": "../corpus"}}))
+    assert "was listed for other download params" in error("--gather", "--parts", parts)

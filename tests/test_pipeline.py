@@ -84,8 +84,8 @@ def downstream_of(ws: Path, stage: str) -> set[str]:
 
 @pytest.mark.parametrize("section, key, value", [
     ("tokenizer", "vocab_size", 600),       # -> tokenizer, pretokenize and everything after
-    ("quality", "min_words", 40),           # -> quality and everything after it
-    ("dedup", "threshold", 0.75),           # -> dedup and everything after it
+    ("sft", "warmup_steps", 3),             # -> sft, chat_eval, report; not core_eval beside it
+    ("chat_eval", "max_new_tokens", 6),     # -> chat_eval and report only
 ])
 def test_param_edit_reruns_exactly_its_stage_and_downstream_under_snakemake(ws, section, key, value):
     before = stamps(ws)

@@ -2,7 +2,9 @@
 sentences, the fastText classifier on a separable fixture, determinism, odd input, and the stage entry
 point as the engines run it."""
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -88,11 +90,11 @@ def mixed(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("mixed") / "data", {"train": mixed_docs(0, 300), "val": mixed_docs(1, 50)})
 
 
-def run_filter(p, data: Path, where: Path) -> quality.Result:
+def run_filter(p, data: Path, where: Path, parts: Path | None = None) -> quality.Result:
     out, model = where / "filtered", where / "model"
     out.mkdir(parents=True)
     model.mkdir(parents=True)
-    return quality.filter_dataset(p, data, out, model, where / "cache")
+    return quality.filter_dataset(p, data, out, model, where / "cache", parts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -359,3 +361,89 @@ def test_stage_empty_input_exits_2_with_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: [quality]") and "has no documents" in lines[0]
     assert not (ws / "data/filtered").exists() and not (ws / "models/quality").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per shard: pass A one job per shard, then a gather (what `snakemake --config per_shard=true` runs)
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {f.relative_to(folder).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """240 real documents in three shards (two train, one val) of row groups of 32: several chunks each."""
+    folder = tmp_path_factory.mktemp("sharded") / "data"
+    folder.mkdir()
+    docs, infos = mixed_docs(0, 200), []
+    for i, (split, part) in enumerate((("train", docs[:110]), ("train", docs[110:]), ("val", mixed_docs(1, 40)))):
+        name = f"shard_{i:05d}.parquet"
+        pq.write_table(pa.table([pa.array(c, pa.string()) for c in zip(*part)], schema=SCHEMA), folder / name,
+                       row_group_size=32)
+        infos.append(ShardInfo(name, split, rows=len(part), chars=sum(len(d[1]) for d in part),
+                               sha256=hashlib.sha256((folder / name).read_bytes()).hexdigest()))
+    write_manifest(folder, infos)
+    return folder
+
+
+TIMINGS = {"lid_cpu_s", "heuristics_cpu_s", "classifier_train_s", "classifier_score_cpu_s", "docs_per_s", "mb_per_s",
+           "seconds"}
+
+
+@pytest.mark.parametrize("classifier", [True, False])
+def test_parts_then_gather_is_byte_identical_to_the_plain_run(sharded, tmp_path, classifier):
+    p = offline(classifier=classifier, audit_fraction=0.5, min_words=400)  # pass A drops some in most chunks
+    plain = run_filter(p, sharded, tmp_path / "plain")
+    parts = tmp_path / "parts"
+    for shard in read_manifest(sharded):
+        (parts / shard.name).mkdir(parents=True)
+        part = quality.filter_part(p, sharded, shard.name, parts / shard.name)
+        assert part["finished"] >= part["started"] and part["tally"]["docs"] == shard.rows
+    gathered = run_filter(p, sharded, tmp_path / "gathered", parts)
+    for folder in ("filtered", "model"):  # shards, manifest, audit table; model and its meta.json
+        assert file_hashes(tmp_path / "gathered" / folder) == file_hashes(tmp_path / "plain" / folder)
+    assert pq.ParquetFile(tmp_path / "plain/filtered" / quality.AUDIT_FILE).metadata.num_row_groups > 5  # one per chunk
+    assert {k: v for k, v in gathered.metrics().items() if k not in TIMINGS} == \
+        {k: v for k, v in plain.metrics().items() if k not in TIMINGS}
+    m = plain.metrics()
+    assert (m["dropped_classifier"] > 0) == classifier and m["docs_out"] > 0
+    assert classifier or not list((parts / "shard_00000").glob(".*"))  # nothing left half-written in a part
+    if classifier:
+        return
+    # an unknown shard, a part made with other params, a missing part: one line each
+    with pytest.raises(UserError, match=r"shard 'shard_00009' is not listed in .*manifest.json \(it lists shard_00000"):
+        quality.filter_part(p, sharded, "shard_00009", tmp_path / "x")
+    shutil.rmtree(parts / "shard_00001")
+    (parts / "shard_00001").mkdir()
+    quality.filter_part(offline(classifier=False, min_words=10), sharded, "shard_00001", parts / "shard_00001")
+    with pytest.raises(UserError, match=r"shard_00001/part.json was made from other inputs .*delete .*shard_00001"):
+        run_filter(p, sharded, tmp_path / "again", parts)
+    (parts / "shard_00001" / quality.PART).unlink()
+    with pytest.raises(UserError, match=r"shard shard_00001 of .*data has no finished part \(run `quality.py --shard"):
+        run_filter(p, sharded, tmp_path / "again2", parts)
+
+
+def test_stage_per_shard_flags_write_what_the_plain_stage_writes(sharded, tmp_path):
+    ws = workspace(tmp_path, workers=1, classifier_positives=[f"local:{GSM8K}#question+answer"],
+                   classifier_negatives=["shuffled:input"], classifier_max_docs=200, classifier_buckets=20000,
+                   classifier_dim=16)
+    shutil.copytree(sharded, ws / "data/dedup")
+    assert run_stage("quality", ARGS, ws).returncode == 0
+    plain = json.loads((ws / "reports/metrics/quality.json").read_text())
+    for folder in ("data/filtered", "models/quality"):
+        (ws / folder).rename(ws / f"{folder}.plain")
+    for shard in ("shard_00000", "shard_00001", "shard_00002"):
+        proc = run_stage("quality", [*ARGS, "--shard", shard, "--parts", ".cache/parts"], ws)
+        assert proc.returncode == 0, proc.stderr
+    assert not (ws / "data/filtered").exists() and not (ws / "models/quality").exists()  # parts only
+    proc = run_stage("quality", [*ARGS, "--gather", "--parts", ".cache/parts"], ws)
+    assert proc.returncode == 0, proc.stderr
+    for folder in ("data/filtered", "models/quality"):
+        assert file_hashes(ws / folder) == file_hashes(ws / f"{folder}.plain")
+    gathered = json.loads((ws / "reports/metrics/quality.json").read_text())
+    assert {k: v for k, v in gathered.items() if k not in TIMINGS} == {k: v for k, v in plain.items() if k not in TIMINGS}
+    assert set(gathered) == set(plain) and gathered["seconds"] > 0 and gathered["dropped_classifier"] > 0
+    proc = run_stage("quality", [*ARGS, "--shard", "shard_00000"], ws)
+    assert proc.returncode == 2 and "--parts goes with --shard NAME or --gather" in proc.stderr

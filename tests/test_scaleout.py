@@ -71,8 +71,9 @@ def test_cluster_path_gives_the_local_outputs(local_ws, cluster_ws):
     all_stages = [s for s in dag.load_stages(ws) if not s.on_demand]
     # every stage went through the scheduler as its own job, a sharded stage (meta.shards; the profile
     # sets per_shard) as one job per shard of its shards folder plus its gather, and all of them exited 0
-    shard_jobs = {f"{s.name}:{name}" for s in all_stages if s.shards for name in dag.shard_names(ws / s.shards)}
-    jobs = len(all_stages) + len(shard_jobs)
+    # (`shards: self`, download: after a job that lists them)
+    shard_jobs = {f"{s.name}:{name}" for s in all_stages if s.shards for name in dag.shard_names_of(ws, s)}
+    jobs = len(all_stages) + len(shard_jobs) + sum(s.lists_shards for s in all_stages)
     assert len(re.findall(r"Submitted job \d+ with external jobid", out)) == jobs
     assert len(re.findall(r"--shard (\S+) --parts", out)) == len(shard_jobs) >= 3
     exit_codes = [p.read_text().strip() for p in (ws / ".snakemake/local-queue").glob("*.rc")]
@@ -101,7 +102,7 @@ def test_slurm_profile_sizes_the_stages(local_ws):
     sections = set(yaml.safe_load((ROOT / "params.yaml").read_text()))  # every stage has its params section
     named = set(profile["set-threads"]) | set(profile["set-resources"])
     stages = dag.load_stages(ROOT)
-    rules = sections | {f"{s.name}_shard" for s in stages if s.shards}  # per_shard: the profile turns it on
+    rules = sections | {rule for s in stages for rule in s.per_shard_rules}  # per_shard: the profile turns it on
     assert named <= rules and profile["config"]["per_shard"], f"slurm profile names no rule: {sorted(named - rules)}"
     for stage in stages:
         assert stage.on_demand or stage.name in profile["set-threads"], f"{stage.name}: no threads in the slurm profile"

@@ -22,6 +22,11 @@ that folder's manifest.json (a dep another stage writes). DVC ignores `meta` and
 shard (`cmd --shard NAME --parts DIR`, each writing DIR/NAME/) and a gather job (`cmd --gather --parts
 DIR`) that assembles the stage's outputs, byte-identical to the plain command's. A shard's NAME is its
 file name in the manifest without the suffix (`shard_00003.parquet` -> `shard_00003`).
+
+A stage with no upstream folder to split by (download: its shards come from its own params and source)
+says `meta: {shards: self}`: it lists its own shards, and per-shard mode first runs `cmd --list --parts
+DIR` (rule `<stage>_list`, a checkpoint) that writes DIR/shards.json, `{"shards": [{"name": ...}, ...]}`
+in output order, then the shard jobs and the gather as above.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import yaml
 SUPPORTED_KEYS = {"cmd", "deps", "params", "outs", "metrics", "plots", "desc", "meta"}
 PLANNING_FILE = "planning/dvc.yaml"  # the on-demand stages; each must say `wdir: ..`
 META_KEYS = {"shards"}  # what workflow/dag.py understands under a stage's `meta:`
+SELF = "self"  # `meta: {shards: self}`: the stage lists its own shards (`cmd --list --parts DIR`)
+SHARD_LIST = "shards.json"  # what `--list` writes in the parts folder
 PARTS_ROOT = ".cache/shards"  # per-shard parts, <root>/<stage>/<shard>/: scratch, neither git nor DVC tracks it
 _INTERP = re.compile(r"\$\{\s*([A-Za-z0-9_.\-]+)\s*\}")
 
@@ -55,7 +62,7 @@ class Stage:
     metrics: list[str] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
     on_demand: bool = False  # declared in planning/dvc.yaml: outside `all` (probe, plan)
-    shards: str | None = None  # meta.shards: a dep folder whose manifest.json lists the shards the work splits by
+    shards: str | None = None  # meta.shards: a dep folder whose manifest.json lists the shards the work splits by, or SELF
 
     @property
     def outputs(self) -> list[str]:
@@ -70,6 +77,21 @@ class Stage:
     def parts(self) -> str:
         """Where the per-shard jobs of this stage write their parts (one folder per shard)."""
         return f"{PARTS_ROOT}/{self.name}"
+
+    @property
+    def lists_shards(self) -> bool:
+        """`meta: {shards: self}`: the shard list comes from the stage's own `--list` job, not a dep's manifest."""
+        return self.shards == SELF
+
+    @property
+    def shard_list(self) -> str:
+        """The file the stage's `--list` job writes (only for a stage that lists its own shards)."""
+        return f"{self.parts}/{SHARD_LIST}"
+
+    @property
+    def per_shard_rules(self) -> list[str]:
+        """The rules per-shard mode adds for this stage, besides its own (which then gathers)."""
+        return [f"{self.name}_list"] * self.lists_shards + [f"{self.name}_shard"] if self.shards else []
 
 
 def load_stages(root: str | Path = ".") -> list[Stage]:
@@ -87,13 +109,15 @@ def load_stages(root: str | Path = ".") -> list[Stage]:
     for name in names:
         if names.count(name) > 1:
             raise DagError(f"stage {name} is declared twice (dvc.yaml and {PLANNING_FILE}): names are Snakemake rules")
-        if f"{name}_shard" in names:
-            raise DagError(f"stage {name}_shard clashes with the per-shard rule of stage {name}: rename it")
+        for suffix in ("_shard", "_list"):
+            if f"{name}{suffix}" in names:
+                raise DagError(f"stage {name}{suffix} clashes with the per-shard rule of stage {name}: rename it")
     produced = {out for s in stages for out in s.outputs}
     for s in stages:
-        if s.shards is not None and (s.shards not in s.deps or s.shards not in produced):
+        if s.shards not in (None, SELF) and (s.shards not in s.deps or s.shards not in produced):
             raise DagError(f"dvc.yaml: stage {s.name}: meta.shards {s.shards!r} must be one of its deps that another "
-                           "stage writes (a text dataset folder with a manifest.json)")
+                           f"stage writes (a text dataset folder with a manifest.json), or {SELF!r} (the stage "
+                           "lists its own shards with `--list`)")
     return stages
 
 
@@ -113,8 +137,34 @@ def shard_names(folder: str | Path) -> list[str]:
         names = [Path(entry["file"]).stem for entry in json.loads(path.read_text())["shards"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DagError(f"{path}: cannot list its shards ({e}); rerun the stage that writes {folder}") from None
-    if len(set(names)) != len(names) or any(not re.fullmatch(r"[A-Za-z0-9_.\-]+", n) for n in names):
+    return _checked_names(path, names)
+
+
+def listed_shards(path: str | Path) -> list[str]:
+    """The shard names in a shard list a stage's `--list` job wrote (`{"shards": [{"name": ...}, ...]}`)."""
+    path = Path(path)
+    try:
+        names = [entry["name"] for entry in json.loads(path.read_text())["shards"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DagError(f"{path}: cannot list its shards ({e}); rerun the stage's list job") from None
+    return _checked_names(path, names)
+
+
+def shard_names_of(root: str | Path, stage: Stage) -> list[str]:
+    """The shards a per-shard stage runs as, in the workspace `root`: from its shards folder's manifest,
+    or from the list its own `--list` job wrote."""
+    if not stage.shards:
+        raise DagError(f"stage {stage.name} has no meta.shards: it does not run per shard")
+    root = Path(root)
+    return listed_shards(root / stage.shard_list) if stage.lists_shards else shard_names(root / stage.shards)
+
+
+def _checked_names(path: Path, names: list[Any]) -> list[str]:
+    if len(set(names)) != len(names) or any(not isinstance(n, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", n)
+                                            for n in names):
         raise DagError(f"{path}: shard names must be unique file names of letters, digits, '_', '.', '-'")
+    if SHARD_LIST in names:  # the shard job's output PARTS/NAME would be the list itself
+        raise DagError(f"{path}: a shard may not be named {SHARD_LIST}")
     return names
 
 

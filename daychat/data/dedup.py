@@ -21,6 +21,12 @@ uint64 view of the buffer), n-gram hashes combine n word hashes by rotate-xor, a
 (num_perm, shingles) multiply-add-min per block of shingles. ~1 ns per (permutation, shingle) on one core:
 bench/dedup.py measures the whole stage.
 
+Per shard (a scheduler runs one job per shard, see workflow/dag.py): step 1 needs no global state, so
+`sign_part` signs one shard into a part folder (signatures.npz + part.json) and `dedup(..., parts=DIR)`
+loads every shard's part instead of signing, then runs steps 2-4 as the plain run does. Both sign with
+`sign_shard` and concatenate with `Signatures.concat` in manifest order, so the outputs are byte-identical
+whichever way they were made (tests/test_dedup.py checks it).
+
 Splits: documents are compared across the whole corpus but never move between splits. A cluster keeps its
 first validation document when it has one (so no validation document goes because of a training one, and
 no training document duplicates one that stays), else its first document in manifest order. Duplicates
@@ -29,6 +35,7 @@ within the validation split go like any others.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
@@ -48,6 +55,7 @@ from daychat.cli import progress
 from daychat.data.textshards import (ShardInfo, ShardWriter, iter_text_batches, read_manifest, shard_paths,
                                      write_manifest)
 from daychat.errors import UserError
+from daychat.io import write_json
 
 REMOVED = "removed.parquet"  # the audit table, next to the kept shards
 REMOVED_SCHEMA = pa.schema([
@@ -61,6 +69,10 @@ READ_DOCS = 128  # documents read at a time (pyarrow may read a whole row group)
 BATCH_BYTES = 2 << 20  # text hashed per numpy pass: bounds the per-byte temporaries (~20 bytes per byte)
 MINHASH_BLOCK = 8192  # shingles per (num_perm, block) multiply-add-min: 100 x 8192 x 8 B = 6.5 MB
 VERIFY_BUDGET_SHINGLES = 32_000_000  # shingle hashes held at once while verifying (256 MB)
+PART = "part.json"  # in a part folder: which shard, made with which params, its counts and when it ran
+PART_ARRAYS = "signatures.npz"  # in a part folder: the shard's Signatures arrays
+PART_FORMAT = "daychat.dedup.part/1"
+SIGNATURE_PARAMS = ("shingle", "ngram", "num_perm", "bands", "rows", "boilerplate", "seed")  # what step 1 reads
 U64 = np.uint64
 
 
@@ -387,6 +399,63 @@ def sign_corpus(paths: list[Path], chars: list[int], p) -> tuple[Signatures, lis
     return Signatures.concat(results, p.bands), [len(r.exact) for r in results]
 
 
+def sign_part(data: str | os.PathLike, shard: str, out: str | os.PathLike, p) -> dict:
+    """Step 1 for the one shard named `shard` of `data`, into the part folder `out` (signatures.npz and
+    part.json; the caller makes `out` atomic, so a part folder that exists is a finished part). Returns
+    part.json's dict."""
+    data, out = Path(data), Path(out)
+    started = time.time()  # wall clock, comparable across the machines that run the parts
+    manifest = read_manifest(data)
+    found = [s for s in manifest if s.name == shard]
+    if not found:
+        raise UserError(f"shard {shard!r} is not listed in {data / 'manifest.json'} "
+                        f"(it lists {', '.join(s.name for s in manifest)})")
+    info = found[0]
+    path = data / info.file
+    if not path.is_file():
+        raise UserError(f"{path} is listed in {data / 'manifest.json'} but missing; rerun the stage that writes it")
+    with progress(total=info.chars or None, desc=f"signatures {shard}", unit="char", unit_scale=True) as bar:
+        sigs = sign_shard(path, p)
+        bar.update(info.chars)
+    np.savez(out / PART_ARRAYS, exact=sigs.exact, bands=sigs.bands, shingles=sigs.shingles)
+    part = {"format": PART_FORMAT, "file": info.file, "source_sha256": info.sha256, "params": _signature_params(p),
+            "docs": len(sigs.exact), "chars": sigs.chars, "text_bytes": sigs.text_bytes,
+            "started": started, "finished": time.time()}
+    write_json(out / PART, part)
+    return part
+
+
+def load_parts(data: str | os.PathLike, parts: str | os.PathLike, p) -> tuple[Signatures, list[int], list[dict]]:
+    """Step 1 from the finished parts `parts/<shard>/` of every shard of `data`, as `sign_corpus` returns
+    it, and the parts' part.json dicts. A part is checked against what the run needs now (the shard's
+    sha256 in the manifest, the signature params), so a part left from other inputs is never taken."""
+    data, parts = Path(data), Path(parts)
+    results, found = [], []
+    for shard in read_manifest(data):
+        path = parts / shard.name / PART
+        if not path.is_file():
+            raise UserError(f"{path} not found: shard {shard.name} of {data} has no finished part "
+                            f"(run `dedup.py --shard {shard.name} --parts {parts}` first)")
+        try:
+            part = json.loads(path.read_text(encoding="utf-8"))
+            with np.load(path.parent / PART_ARRAYS) as arrays:
+                sigs = Signatures(arrays["exact"], arrays["bands"], arrays["shingles"], part["chars"], part["text_bytes"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path.parent} is corrupt ({e}); delete it and rerun its shard job") from None
+        if (part.get("format"), part.get("file"), part.get("source_sha256"), part.get("params")) != \
+                (PART_FORMAT, shard.file, shard.sha256, _signature_params(p)) or \
+                sigs.bands.shape != (part.get("docs"), p.bands):
+            raise UserError(f"{path} was made from other inputs (shard or dedup.{'/'.join(SIGNATURE_PARAMS)} "
+                            f"changed); delete {path.parent} and rerun its shard job")
+        results.append(sigs)
+        found.append(part)
+    return Signatures.concat(results, p.bands), [len(r.exact) for r in results], found
+
+
+def _signature_params(p) -> dict:
+    return {key: getattr(p, key) for key in SIGNATURE_PARAMS}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Step 2: buckets -> candidate pairs
 
@@ -655,9 +724,11 @@ class DedupResult:
                 f"{self.verified_pairs:,} at or above the threshold)")
 
 
-def dedup(data: str | os.PathLike, out: str | os.PathLike, p) -> DedupResult:
+def dedup(data: str | os.PathLike, out: str | os.PathLike, p, parts: str | os.PathLike | None = None) -> DedupResult:
     """Deduplicate the text dataset `data` into `out` (written into directly: the caller makes it atomic,
-    see daychat.io.atomic_dir): kept shards, manifest.json and REMOVED. `p`: DedupParams."""
+    see daychat.io.atomic_dir): kept shards, manifest.json and REMOVED. `p`: DedupParams. With `parts`,
+    step 1 comes from the per-shard parts in that folder (see `sign_part`) and its time is the span from
+    the first part's start to the last part's end, plus loading them."""
     data, out = Path(data), Path(out)
     manifest = read_manifest(data)
     paths = shard_paths(data)  # every listed shard must exist: fail before starting workers
@@ -669,7 +740,11 @@ def dedup(data: str | os.PathLike, out: str | os.PathLike, p) -> DedupResult:
         result.seconds[step] = time.perf_counter() - clock
         clock = time.perf_counter()
 
-    sigs, rows = sign_corpus(paths, chars, p)
+    if parts is None:
+        sigs, rows = sign_corpus(paths, chars, p)
+    else:
+        sigs, rows, found = load_parts(data, parts, p)
+        clock -= max(part["finished"] for part in found) - min(part["started"] for part in found)
     if len(sigs.exact) == 0:
         raise UserError(f"{data} holds no documents ({len(manifest)} shards, all empty); "
                         "check the stage that wrote it")

@@ -28,6 +28,17 @@ so the outputs do not depend on the number of workers:
   pass B  (classifier) train, score the survivors, set the cut-off, write the kept ones to `out`.
 fastText trains on ONE thread: with two its hogwild updates make every run differ (measured: different
 model bytes, and on small sets a NaN), and the stage's outputs must be byte-identical run to run.
+
+Per shard (a scheduler runs one job per shard, see workflow/dag.py): pass A needs no global state, so
+`filter_part` runs it on one shard into a part folder (the shard's survivors under their own file name,
+its audit rows in dropped.parquet with one row group per chunk, and part.json: the survivors' manifest
+entry and the tally), and `filter_dataset(..., parts=DIR)` takes every part instead of running pass A,
+then runs pass B as the plain run does (or, with the classifier off, links the survivors into `out`).
+Both ways run pass A with `_pass_a` and pass B with `_pass_b`, the classifier's sample is order-independent (SeededSample) and
+the audit rows are replayed chunk by chunk in manifest order, so the outputs are byte-identical
+(tests/test_quality.py checks it). Scoring cannot join the shard jobs: it needs the classifier, which
+needs a sample across all shards, and a top-fraction cut-off needs every train score; sharding it would
+take a second shard phase after training.
 """
 
 from __future__ import annotations
@@ -77,6 +88,8 @@ SAMPLE_WINDOWS = 4
 HQ, LQ = "__label__hq", "__label__lq"
 MIN_CLASS_DOCS = 10  # fewer documents on either side and held-out precision/recall mean nothing
 SCRATCH = ".prefilter"  # pass A's survivors when the classifier runs; removed before `out` is renamed
+PART = "part.json"  # in a part folder: the shard, the params pass A read, the survivors' entry, the tally
+PART_FORMAT = "daychat.quality.part/1"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,12 +297,11 @@ def ordered_map(factory: Callable, args: tuple, chunks: list[Chunk], workers: in
                 future.cancel()
 
 
-def plan_chunks(folder: Path, shards: list[ShardInfo]) -> list[Chunk]:
+def plan_chunks(paths: list[Path], shards: list[ShardInfo]) -> list[Chunk]:
     """One chunk per parquet row group (1024 documents in shards written by daychat; Gutenberg: 64
-    books), after checking each shard has the textshards columns."""
+    books), after checking each shard (`shards[i]`, read from `paths[i]`) has the textshards columns."""
     chunks = []
-    for i, shard in enumerate(shards):
-        path = folder / shard.file
+    for i, (path, shard) in enumerate(zip(paths, shards)):
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
@@ -609,25 +621,34 @@ class Result:
 
 
 def filter_dataset(p: QualityParams, data: str | os.PathLike, out: str | os.PathLike, model_out: str | os.PathLike,
-                   cache: str | os.PathLike) -> Result:
+                   cache: str | os.PathLike, parts: str | os.PathLike | None = None) -> Result:
     """Filter text dataset `data` into `out` (shards + manifest + dropped.parquet) and write the classifier
     (or a meta.json saying it is off) into `model_out`. Both folders are written into directly: the
-    stage makes them atomic."""
+    stage makes them atomic. With `parts`, pass A comes from the per-shard parts in that folder (see
+    `filter_part`) and `seconds` runs from the first part's start."""
     t0 = time.perf_counter()
     data, out, model_out = Path(data), Path(out), Path(model_out)
     shards = read_manifest(data)
-    chunks = plan_chunks(data, shards)
+    chunks = plan_chunks([data / s.file for s in shards], shards) if parts is None else []
     if not sum(s.rows for s in shards):
         raise UserError(f"{data} has no documents ({len(shards)} shards, all empty); check the stage that wrote it")
     stage1 = out / SCRATCH if p.classifier else out
     tally = Tally()
     audit = AuditWriter(out / AUDIT_FILE)
     try:
-        infos = _pass_a(p, chunks, shards, stage1, tally, audit)
+        if parts is None:
+            infos = _pass_a(p, chunks, shards, stage1, tally, audit)
+            paths = [stage1 / s.file for s in infos]
+        else:
+            infos, paths, started = _load_parts(p, data, shards, Path(parts), tally, audit)
+            t0 -= time.time() - started  # the stage's wall time: from the first shard job's start
+            if not p.classifier:
+                for path in paths:
+                    _link_or_copy(path, out / path.name)
         report = cut = None
         if p.classifier:
-            report, cut, infos = _pass_b(p, infos, stage1, out, model_out, Path(cache), tally, audit)
-            shutil.rmtree(stage1)
+            report, cut, infos = _pass_b(p, infos, paths, out, model_out, Path(cache), tally, audit)
+            shutil.rmtree(stage1, ignore_errors=True)
         audit.close()
     except BaseException:
         audit.abort()
@@ -639,6 +660,80 @@ def filter_dataset(p: QualityParams, data: str | os.PathLike, out: str | os.Path
     val_in = sum(s.rows for s in shards if s.split == "val")
     val_out = sum(s.rows for s in infos if s.split == "val")
     return Result(infos, tally, time.perf_counter() - t0, val_in, val_out, report, cut)
+
+
+def filter_part(p: QualityParams, data: str | os.PathLike, shard: str, out: str | os.PathLike) -> dict:
+    """Pass A for the one shard named `shard` of `data`, into the part folder `out` (the caller makes it
+    atomic, so a part folder that exists is a finished part): the survivors as `out/<shard file>`, the
+    audit rows as `out/dropped.parquet`, and part.json, whose dict is returned."""
+    data, out = Path(data), Path(out)
+    started = time.time()  # wall clock, comparable across the machines that run the parts
+    manifest = read_manifest(data)
+    found = [s for s in manifest if s.name == shard]
+    if not found:
+        raise UserError(f"shard {shard!r} is not listed in {data / MANIFEST} "
+                        f"(it lists {', '.join(s.name for s in manifest)})")
+    tally = Tally()
+    audit = AuditWriter(out / AUDIT_FILE)
+    try:
+        (info,) = _pass_a(p, plan_chunks([data / found[0].file], found), found, out, tally, audit)
+        audit.close()
+    except BaseException:
+        audit.abort()
+        raise
+    part = {"format": PART_FORMAT, "source": found[0].file, "source_sha256": found[0].sha256,
+            "params": _pass_a_params(p), "shard": asdict(info), "audit_rows": audit.rows,
+            "tally": {**asdict(tally), "dropped": dict(tally.dropped), "seconds": dict(tally.seconds)},
+            "started": started, "finished": time.time()}
+    write_json(out / PART, part)
+    return part
+
+
+def _load_parts(p: QualityParams, data: Path, shards: list[ShardInfo], parts: Path, tally: Tally,
+                audit: AuditWriter) -> tuple[list[ShardInfo], list[Path], float]:
+    """Pass A's outcome from the finished parts `parts/<shard>/` of every shard, in manifest order: the
+    survivors' infos and paths, and when the first part started. Each part's tally is added to `tally`
+    and its audit rows written to `audit` one chunk (row group) at a time, as `_pass_a` writes them. A
+    part is checked against what the run needs now (the shard's sha256, the params pass A reads)."""
+    infos, paths, started = [], [], []
+    for shard in shards:
+        path = parts / shard.name / PART
+        if not path.is_file():
+            raise UserError(f"{path} not found: shard {shard.name} of {data} has no finished part "
+                            f"(run `quality.py --shard {shard.name} --parts {parts}` first)")
+        try:
+            part = json.loads(path.read_text(encoding="utf-8"))
+            info = ShardInfo(**part["shard"])
+            t = part["tally"]
+            part_tally = Tally(t["docs"], t["bytes"], t["kept"], t["stripped_chars"], t["stripped_docs"],
+                               Counter(t["dropped"]), Counter(t["seconds"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is corrupt ({e}); delete {path.parent} and rerun its shard job") from None
+        if (part.get("format"), part.get("source"), part.get("source_sha256"), part.get("params")) != \
+                (PART_FORMAT, shard.file, shard.sha256, _pass_a_params(p)):
+            raise UserError(f"{path} was made from other inputs (the shard, or quality params other than "
+                            f"classifier_* and workers, changed); delete {path.parent} and rerun its shard job")
+        audit_file = pq.ParquetFile(path.parent / AUDIT_FILE)
+        for g in range(audit_file.metadata.num_row_groups):
+            audit.write(audit_file.read_row_group(g).to_pylist())
+        tally.add(part_tally)
+        infos.append(info)
+        paths.append(path.parent / info.file)
+        started.append(part["started"])
+    return infos, paths, min(started)
+
+
+def _pass_a_params(p: QualityParams) -> dict:
+    """The params pass A reads (all but the classifier's and the process count), as JSON reads them back."""
+    return json.loads(json.dumps({k: v for k, v in asdict(p).items()
+                                  if not k.startswith("classifier") and k != "workers"}))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # no copy, and the part stays as it was
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copyfile(src, dst)
 
 
 def _pass_a(p: QualityParams, chunks: list[Chunk], shards: list[ShardInfo], folder: Path, tally: Tally,
@@ -654,9 +749,10 @@ def _pass_a(p: QualityParams, chunks: list[Chunk], shards: list[ShardInfo], fold
     return writers.infos
 
 
-def _pass_b(p: QualityParams, stage1: list[ShardInfo], folder: Path, out: Path, model_out: Path, cache: Path,
+def _pass_b(p: QualityParams, stage1: list[ShardInfo], paths: list[Path], out: Path, model_out: Path, cache: Path,
             tally: Tally, audit: AuditWriter) -> tuple[ClassifierReport, float, list[ShardInfo]]:
-    ctx = SourceContext([folder / s.file for s in stage1 if s.split == "train"], cache, p.seed)
+    """Train on pass A's survivors (`stage1`, read from `paths`), score them, keep those above the cut-off."""
+    ctx = SourceContext([path for path, s in zip(paths, stage1) if s.split == "train"], cache, p.seed)
     positives, pos_counts = collect(p.classifier_positives, "quality.classifier_positives", p, ctx)
     negatives, neg_counts = collect(p.classifier_negatives, "quality.classifier_negatives", p, ctx)
     status("quality", f"training the classifier on {min(len(positives), len(negatives)):,} documents per class (1 thread)")
@@ -666,7 +762,7 @@ def _pass_b(p: QualityParams, stage1: list[ShardInfo], folder: Path, out: Path, 
     status("quality", f"classifier held-out precision {report.precision:.3f}, recall {report.recall:.3f} "
                       f"({report.holdout_docs:,} docs per class)")
 
-    chunks = plan_chunks(folder, stage1)
+    chunks = plan_chunks(paths, stage1)
     scores: dict[int, list[np.ndarray]] = {i: [] for i in range(len(stage1))}
     with progress(total=sum(s.rows for s in stage1), desc="quality: classifier", unit="doc") as bar:
         for chunk, chunk_scores, cpu in ordered_map(Scorer, (model_out / report.model_file, p.classifier_doc_chars),
@@ -679,8 +775,7 @@ def _pass_b(p: QualityParams, stage1: list[ShardInfo], folder: Path, out: Path, 
 
     writers = _ShardWriters(out, stage1)
     with writers:
-        for i, info in enumerate(stage1):
-            path = folder / info.file
+        for i, (info, path) in enumerate(zip(stage1, paths)):
             docs = itertools.chain.from_iterable(  # row group by row group: memory holds one
                 _read_docs(path, (g,)) for g in range(pq.ParquetFile(path).metadata.num_row_groups))
             kept, rows = [], []

@@ -17,6 +17,9 @@ Remote shards go through a persistent cache folder (not a DVC output). A downloa
 opens and reads to the end as parquet (and matches the server's sha256 when the server gives one) is
 renamed to `<name>`. So an interrupted run resumes where it stopped, a run with more shards fetches only
 the new ones, and a corrupt shard is fetched again or reported by name, never passed on.
+
+The same work also runs one output shard at a time (plan, one job per shard, gather: the last section),
+with the same functions, so that a workflow engine can spread a download over jobs or machines.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import urllib.request
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from email.message import Message
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -55,7 +58,7 @@ import pyarrow.parquet as pq
 from daychat.cli import progress
 from daychat.data.textshards import ROW_GROUP_DOCS, SCHEMA, ShardInfo, ShardWriter, verify_parquet
 from daychat.errors import UserError
-from daychat.io import sha256_file
+from daychat.io import sha256_file, write_json
 from daychat.params import DownloadParams, ParamsError
 
 
@@ -224,15 +227,9 @@ def _download_remote(p: DownloadParams, out: Path, cache: Path, backoff_s: float
     shards: list[ShardInfo | None] = [None] * len(plan)
     stop = threading.Event()  # set on the first failure so that the other downloads end early
 
-    def one(position: int, shard: RemoteShard) -> tuple[ShardInfo, Fetched]:
-        fetched = fetch_shard(shard, folder, text_field=p.text_field, retries=p.retries,
-                              timeout_s=p.timeout_s, backoff_s=backoff_s, stop=stop)
-        info = normalise_shard(fetched.path, out / SHARD_NAME.format(position), shard.split,
-                               text_field=p.text_field, source=about["dataset"], origin=shard.url)
-        return info, fetched
-
     with ThreadPoolExecutor(p.workers) as pool, progress(total=len(plan), desc="download", unit="shard") as bar:
-        futures = {pool.submit(one, i, s): i for i, s in enumerate(plan)}
+        futures = {pool.submit(remote_shard, p, s, folder, out / SHARD_NAME.format(i), about["dataset"],
+                               backoff_s, stop): i for i, s in enumerate(plan)}
         try:
             for future in as_completed(futures):
                 info, fetched = future.result()
@@ -247,8 +244,21 @@ def _download_remote(p: DownloadParams, out: Path, cache: Path, backoff_s: float
             for future in futures:
                 future.cancel()
             raise
-    notes = [f"{about['dataset']}: licence {about['licence']}"] if "licence" in about else []
-    return Download(shards, about, stats, notes=notes)
+    return Download(shards, about, stats, notes=_remote_notes(about))
+
+
+def remote_shard(p: DownloadParams, shard: RemoteShard, folder: Path, dest: Path, source: str,
+                 backoff_s: float = 1.0, stop: threading.Event | None = None) -> tuple[ShardInfo, Fetched]:
+    """One remote shard: fetched into the cache `folder` (or found there), then put at `dest` as a text
+    shard. The plain run does this on a thread per shard, a per-shard job once."""
+    fetched = fetch_shard(shard, folder, text_field=p.text_field, retries=p.retries,
+                          timeout_s=p.timeout_s, backoff_s=backoff_s, stop=stop)
+    info = normalise_shard(fetched.path, dest, shard.split, text_field=p.text_field, source=source, origin=shard.url)
+    return info, fetched
+
+
+def _remote_notes(about: dict) -> list[str]:
+    return [f"{about['dataset']}: licence {about['licence']}"] if "licence" in about else []
 
 
 @dataclass(frozen=True)
@@ -489,31 +499,51 @@ def local_files(path: str) -> tuple[list[Path], Path]:
     return files, root
 
 
-def _download_local(p: DownloadParams, out: Path) -> Download:
+def local_inputs(p: DownloadParams) -> tuple[list[Path], Path, dict, bool]:
+    """The input files, the folder their ids are relative to, the manifest header, and whether the files
+    map one to one onto output shards (two or more parquet files) rather than being a document stream."""
     files, root = local_files(p.path)
-    name = root.resolve().name or "local"
-    about = {"source": "local", "dataset": name, "path": p.path}
-    stats = Stats()
+    about = {"source": "local", "dataset": root.resolve().name or "local", "path": p.path}
     parquet = [f for f in files if f.suffix == ".parquet"]
     if parquet and len(parquet) < len(files):
         raise UserError(f"download.path: {p.path} mixes parquet with jsonl/txt files; point it at one kind")
-    if len(parquet) >= 2:  # one output shard per file, the last one validation
-        shards = []
-        for i, f in enumerate(progress(files, desc="shards", unit="file")):
-            split = "val" if i == len(files) - 1 else "train"
-            shards.append(normalise_shard(f, out / SHARD_NAME.format(i), split, text_field=p.text_field,
-                                          source=name, origin=str(f.resolve())))
-            if not shards[-1].rows:
-                raise UserError(f"{f} has no rows")
-        return Download(shards, about, stats)
-    if parquet:  # a single file: re-shard it like a stream, so that there is a validation shard
-        docs = parquet_documents(files[0], text_field=p.text_field, source=name,
+    return files, root, about, len(parquet) >= 2
+
+
+def local_shard(p: DownloadParams, src: Path, dest: Path, split: str, source: str) -> ShardInfo:
+    """One input parquet file as one output shard (the one-to-one layout)."""
+    info = normalise_shard(src, dest, split, text_field=p.text_field, source=source, origin=str(src.resolve()))
+    if not info.rows:
+        raise UserError(f"{src} has no rows")
+    return info
+
+
+def _download_local(p: DownloadParams, out: Path) -> Download:
+    files, root, about, one_to_one = local_inputs(p)
+    if one_to_one:  # one output shard per file, the last one validation
+        shards = [local_shard(p, f, out / SHARD_NAME.format(i), "val" if i == len(files) - 1 else "train",
+                              about["dataset"]) for i, f in enumerate(progress(files, desc="shards", unit="file"))]
+        return Download(shards, about, Stats())
+    stats = Stats()
+    docs, origin = stream_documents(p, stats)
+    shards = reshard(docs, out, shard_chars=p.shard_chars, max_chars=p.max_chars, origin=origin)
+    return Download(shards, about, stats)
+
+
+def stream_documents(p: DownloadParams, stats: Stats) -> tuple[Iterator[Doc], str]:
+    """The document stream of a re-sharded source (embedded; local jsonl / txt / a single parquet file),
+    empty documents left out, and the origin its shards record. Deterministic: the per-shard jobs each
+    read it again and must see the documents the plan saw."""
+    if p.source == "embedded":
+        docs = _non_empty(embedded_documents(p.include, stats), stats)
+        return _count_chars(docs, p.max_chars), f"embedded:{'+'.join(p.include)}"
+    files, root, about, _ = local_inputs(p)
+    if files[0].suffix == ".parquet":  # a single file: re-shard it like a stream, so that there is a validation shard
+        docs = parquet_documents(files[0], text_field=p.text_field, source=about["dataset"],
                                  id_prefix=files[0].name.split(".")[0])
     else:
-        docs = text_documents(files, root, text_field=p.text_field, source=name, stats=stats)
-    shards = reshard(_non_empty(docs, stats), out, shard_chars=p.shard_chars, max_chars=p.max_chars,
-                     origin=f"local:{p.path}")
-    return Download(shards, about, stats)
+        docs = text_documents(files, root, text_field=p.text_field, source=about["dataset"], stats=stats)
+    return _non_empty(docs, stats), f"local:{p.path}"
 
 
 def text_documents(files: list[Path], root: Path, *, text_field: str, source: str, stats: Stats) -> Iterator[Doc]:
@@ -588,20 +618,14 @@ def reshard(docs: Iterable[Doc], out: Path, *, shard_chars: int, max_chars: int,
     The last shard is the validation split; if everything fits in one, its tail becomes a second shard."""
     shards: list[ShardInfo] = []
     writer: ShardWriter | None = None
-    total = 0
     try:
-        for doc in docs:
-            if max_chars and total + len(doc.text) > max_chars:
-                doc = doc._replace(text=doc.text[:max_chars - total])
-            if writer is None:
-                writer = ShardWriter(out / SHARD_NAME.format(len(shards)), "train", origin)
-            writer.write(*doc)
-            total += len(doc.text)
-            if writer.info.chars >= shard_chars:
+        for index, doc in cut_stream(docs, shard_chars=shard_chars, max_chars=max_chars):
+            if writer is not None and index > len(shards):
                 shards.append(writer.close())
                 writer = None
-            if max_chars and total >= max_chars:
-                break
+            if writer is None:
+                writer = ShardWriter(out / SHARD_NAME.format(index), "train", origin)
+            writer.write(*doc)
         if writer is not None:
             shards.append(writer.close())
             writer = None
@@ -616,15 +640,40 @@ def reshard(docs: Iterable[Doc], out: Path, *, shard_chars: int, max_chars: int,
     return shards
 
 
-def _split_off_val(path: Path, origin: str) -> list[ShardInfo]:
-    """Rewrite a lone shard as two: the documents holding the last ~10% of its characters become a
-    validation shard (at least one document on each side)."""
-    table = pq.read_table(path)
-    if table.num_rows < 2:
+def cut_stream(docs: Iterable[Doc], *, shard_chars: int, max_chars: int) -> Iterator[tuple[int, Doc]]:
+    """(shard index, document) in stream order: a shard closes after the document that brings it to
+    `shard_chars` characters; the stream stops at `max_chars` (0 = no cap), the document crossing it cut.
+    The one rule both the plain run (`reshard`) and the per-shard plan (`plan_shards`) cut by."""
+    index = chars = total = 0
+    for doc in docs:
+        if max_chars and total + len(doc.text) > max_chars:
+            doc = doc._replace(text=doc.text[:max_chars - total])
+        yield index, doc
+        total += len(doc.text)
+        chars += len(doc.text)
+        if chars >= shard_chars:
+            index, chars = index + 1, 0
+        if max_chars and total >= max_chars:
+            break
+
+
+def val_cut(lengths: list[int], origin: str) -> int:
+    """Where a lone shard of documents with these character counts splits into train | val: the
+    documents holding the last ~10% of its characters become validation (at least one on each side)."""
+    if len(lengths) < 2:
         raise UserError(f"{origin}: only one document; a train and a validation shard need at least two")
-    cumulative = pc.cumulative_sum(pc.utf8_length(table["text"])).to_pylist()
-    cut = next(i for i, c in enumerate(cumulative) if c >= (1 - SINGLE_SHARD_VAL_FRACTION) * cumulative[-1])
-    cut = min(max(cut, 1), table.num_rows - 1)
+    threshold, running = (1 - SINGLE_SHARD_VAL_FRACTION) * sum(lengths), 0
+    for cut, n in enumerate(lengths):
+        running += n
+        if running >= threshold:
+            break
+    return min(max(cut, 1), len(lengths) - 1)
+
+
+def _split_off_val(path: Path, origin: str) -> list[ShardInfo]:
+    """Rewrite a lone shard as two at `val_cut`."""
+    table = pq.read_table(path)
+    cut = val_cut(pc.utf8_length(table["text"]).to_pylist(), origin)
     path.unlink()
     shards = []
     for i, part in enumerate((table.slice(0, cut), table.slice(cut))):
@@ -641,17 +690,20 @@ def _split_off_val(path: Path, origin: str) -> list[ShardInfo]:
 
 def _download_embedded(p: DownloadParams, out: Path) -> Download:
     stats = Stats()
-    docs = _non_empty(embedded_documents(p.include, stats), stats)
-    counted = _count_chars(docs, p.max_chars)
-    shards = reshard(counted, out, shard_chars=p.shard_chars, max_chars=p.max_chars,
-                     origin=f"embedded:{'+'.join(p.include)}")
-    chars = sum(s.chars for s in shards)
-    about = {"source": "embedded", "dataset": "+".join(p.include), "python": sys.version.split()[0]}
-    notes = []
+    docs, origin = stream_documents(p, stats)
+    shards = reshard(docs, out, shard_chars=p.shard_chars, max_chars=p.max_chars, origin=origin)
+    return Download(shards, embedded_about(p), stats, notes=_embedded_notes(p, sum(s.chars for s in shards)))
+
+
+def embedded_about(p: DownloadParams) -> dict:
+    return {"source": "embedded", "dataset": "+".join(p.include), "python": sys.version.split()[0]}
+
+
+def _embedded_notes(p: DownloadParams, chars: int) -> list[str]:
     if p.max_chars and chars < p.max_chars:
-        notes.append(f"the embedded text ran out at {chars:,} of max_chars {p.max_chars:,} characters "
-                     f"(include: {', '.join(p.include)})")
-    return Download(shards, about, stats, notes=notes)
+        return [f"the embedded text ran out at {chars:,} of max_chars {p.max_chars:,} characters "
+                f"(include: {', '.join(p.include)})"]
+    return []
 
 
 def embedded_documents(include: Iterable[str], stats: Stats) -> Iterator[Doc]:
@@ -733,3 +785,175 @@ def _count_chars(docs: Iterable[Doc], max_chars: int) -> Iterator[Doc]:
         for doc in docs:
             bar.update(min(len(doc.text), max_chars - bar.n) if max_chars else len(doc.text))
             yield doc
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-shard jobs (`snakemake --config per_shard=true`, see workflow/dag.py): list, one job per shard, gather
+#
+# `plan_shards` lists the output shards and what each is made from, written to PARTS/shards.json: for
+# hf/url it follows from the params alone (no network), for local parquet files from the file listing,
+# for a document stream (embedded, local jsonl/txt/one parquet file) from one read of the stream that
+# finds the shard boundaries without writing. `download_part` makes one shard into PARTS/<name>/ with
+# the very functions the plain run uses (`remote_shard` through the same cache, `local_shard`, or
+# `cut_stream` read up to the shard's last document), and `gather_parts` assembles the dataset from the
+# parts: the same shard bytes, manifest and (timings aside) metrics as `download()`.
+
+PLAN = "shards.json"
+PLAN_FORMAT = "daychat.download.shards/1"
+PART = "part.json"
+
+
+@dataclass
+class PlannedShard:
+    name: str  # `--shard NAME`: the output file name without its suffix
+    file: str
+    split: str
+    origin: str
+    url: str = ""  # hf/url: the remote file
+    index: int = 0  # hf/url: its position in the remote dataset
+    path: str = ""  # local parquet: the input file
+    docs: tuple[int, int] | None = None  # stream sources: [first, stop) positions in the document stream
+    rows: int = 0  # stream sources: known from the plan, checked by the shard job
+    chars: int = 0
+
+
+def plan_shards(p: DownloadParams) -> dict:
+    """What `--list` writes to shards.json: the params it was planned from, the manifest header, the
+    counters of reading a stream (stats, notes) and the shards, in manifest order (validation last)."""
+    stats, notes = Stats(), []
+    files, _, about, one_to_one = local_inputs(p) if p.source == "local" else ([], None, {}, False)
+    if p.source in ("hf", "url"):
+        remote, about = remote_plan(p)
+        shards = [PlannedShard(Path(SHARD_NAME.format(i)).stem, SHARD_NAME.format(i), s.split, s.url, url=s.url, index=s.index)
+                  for i, s in enumerate(remote)]
+        notes = _remote_notes(about)
+    elif one_to_one:
+        shards = [PlannedShard(Path(SHARD_NAME.format(i)).stem, SHARD_NAME.format(i),
+                               "val" if i == len(files) - 1 else "train", str(f.resolve()), path=str(f.resolve()))
+                  for i, f in enumerate(files)]
+    else:
+        about = embedded_about(p) if p.source == "embedded" else about
+        docs, origin = stream_documents(p, stats)
+        lengths: list[list[int]] = []  # characters of each document, per shard
+        for index, doc in cut_stream(docs, shard_chars=p.shard_chars, max_chars=p.max_chars):
+            if index == len(lengths):
+                lengths.append([])
+            lengths[index].append(len(doc.text))
+        if not lengths:
+            raise UserError(f"{origin}: no text found (every document is empty)")
+        if len(lengths) == 1:  # as reshard does: the tail of a lone shard becomes validation
+            cut = val_cut(lengths[0], origin)
+            lengths = [lengths[0][:cut], lengths[0][cut:]]
+        shards, start = [], 0
+        for i, group in enumerate(lengths):
+            shards.append(PlannedShard(Path(SHARD_NAME.format(i)).stem, SHARD_NAME.format(i),
+                                       "val" if i == len(lengths) - 1 else "train", origin,
+                                       docs=(start, start + len(group)), rows=len(group), chars=sum(group)))
+            start += len(group)
+        if p.source == "embedded":
+            notes = _embedded_notes(p, sum(map(sum, lengths)))
+    return {"format": PLAN_FORMAT, "params": _params_json(p), "about": about, "stats": asdict(stats),
+            "notes": notes, "shards": [asdict(s) for s in shards]}
+
+
+def read_plan(p: DownloadParams, parts: str | os.PathLike) -> tuple[dict, list[PlannedShard]]:
+    """shards.json of `parts`, checked to be a plan for the current params."""
+    path = Path(parts) / PLAN
+    again = f"run `download.py --list --parts {parts}`"
+    if not path.is_file():
+        raise UserError(f"{path} not found: the shards of this download are not listed yet ({again})")
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+        shards = [PlannedShard(**s) for s in plan["shards"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); {again}") from None
+    if plan.get("format") != PLAN_FORMAT:
+        raise UserError(f"{path} has format {plan.get('format')!r}, expected {PLAN_FORMAT!r}; {again}")
+    if plan.get("params") != _params_json(p):
+        raise UserError(f"{path} was listed for other download params than params.yaml's; {again}")
+    return plan, shards
+
+
+def download_part(p: DownloadParams, parts: str | os.PathLike, name: str, out: str | os.PathLike,
+                  cache: str | os.PathLike, *, backoff_s: float = 1.0) -> dict:
+    """Make the planned shard `name` in folder `out` (the part's temporary folder): its text shard and
+    part.json (its manifest entry, what fetching it cost, when it ran). Return part.json's dict."""
+    started = time.time()  # wall clock, comparable across the machines that run the parts
+    plan, shards = read_plan(p, parts)
+    found = [s for s in shards if s.name == name]
+    if not found:
+        raise UserError(f"shard {name!r} is not listed in {Path(parts) / PLAN} (it lists "
+                        f"{', '.join(s.name for s in shards)})")
+    shard, out = found[0], Path(out)
+    cost = {"download_bytes": 0, "cached": False, "retries": 0}
+    if shard.url:
+        folder = cache_folder(cache, plan["about"]["base_url"])
+        folder.mkdir(parents=True, exist_ok=True)
+        info, fetched = remote_shard(p, RemoteShard(shard.index, shard.url, shard.split), folder, out / shard.file,
+                                     plan["about"]["dataset"], backoff_s)
+        cost = {"download_bytes": fetched.downloaded, "cached": fetched.cached, "retries": fetched.retries}
+    elif shard.path:
+        info = local_shard(p, Path(shard.path), out / shard.file, shard.split, plan["about"]["dataset"])
+    else:
+        info = _stream_part(p, shard, out)
+    part = {"plan": _digest(plan), "shard": asdict(info), **cost, "started": started, "finished": time.time()}
+    write_json(out / PART, part)
+    return part
+
+
+def _stream_part(p: DownloadParams, shard: PlannedShard, out: Path) -> ShardInfo:
+    """Write the documents [first, stop) of the stream, cut as the plain run cuts them."""
+    first, stop = shard.docs
+    docs, _ = stream_documents(p, Stats())
+    with ShardWriter(out / shard.file, shard.split, shard.origin) as writer:
+        for position, (_, doc) in enumerate(cut_stream(docs, shard_chars=p.shard_chars, max_chars=p.max_chars)):
+            if position >= stop:
+                break
+            if position >= first:
+                writer.write(*doc)
+        if (writer.info.rows, writer.info.chars) != (shard.rows, shard.chars):
+            raise UserError(f"{shard.origin}: shard {shard.name} has {writer.info.rows} docs / {writer.info.chars} "
+                            f"chars where the plan has {shard.rows} / {shard.chars}: the source changed since "
+                            "--list (other files or installed packages); list and run the shards again")
+    return writer.info
+
+
+def gather_parts(p: DownloadParams, parts: str | os.PathLike, out: str | os.PathLike) -> Download:
+    """Link every planned shard's part into `out` (the stage's temporary folder) and return what
+    `download()` returns for the same params; the caller writes the manifest and metrics.
+    `seconds` is the span from the first part's start to the last part's end."""
+    plan, shards = read_plan(p, parts)
+    parts, out = Path(parts), Path(out)
+    infos, runs = [], []
+    stats = Stats(**plan["stats"])
+    for shard in shards:
+        path = parts / shard.name / PART
+        if not path.is_file():
+            raise UserError(f"{path} not found: shard {shard.name} has no finished part "
+                            f"(run `download.py --shard {shard.name} --parts {parts}` first)")
+        try:
+            part = json.loads(path.read_text(encoding="utf-8"))
+            info = ShardInfo(**part["shard"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is corrupt ({e}); delete {path.parent} and rerun its shard job") from None
+        made = path.parent / info.file
+        if part["plan"] != _digest(plan) or info.file != shard.file or not made.is_file() \
+                or made.stat().st_size != info.bytes:
+            raise UserError(f"{path.parent} was made for another plan or is incomplete; "
+                            f"delete it and rerun its shard job")
+        _link_or_copy(made, out / info.file)
+        infos.append(info)
+        runs.append((part["started"], part["finished"]))
+        stats.download_bytes += part["download_bytes"]
+        stats.cached_shards += part["cached"]
+        stats.retries += part["retries"]
+    seconds = max(f for _, f in runs) - min(s for s, _ in runs)
+    return Download(infos, plan["about"], stats, seconds=seconds, notes=plan["notes"])
+
+
+def _params_json(p: DownloadParams) -> dict:
+    return json.loads(json.dumps(asdict(p)))
+
+
+def _digest(plan: dict) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
