@@ -8,6 +8,7 @@ happened.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import traceback
@@ -48,3 +49,25 @@ def progress(iterable: Iterable[T] | None = None, *, total: float | None = None,
     """A progress bar with rate and ETA on stderr; refreshes at most every half second in logs."""
     return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,
                 mininterval=0.5, dynamic_ncols=True, file=sys.stderr, leave=True)
+
+
+def parse_args_with_parts(parser: argparse.ArgumentParser, *, shard: str, gather: str,
+                          listing: str | None = None) -> argparse.Namespace:
+    """Add a data stage's per-shard options (Snakemake's per-shard mode, see workflow/dag.py) and parse:
+    `--shard NAME --parts DIR` makes one shard's part, `--gather --parts DIR` the outputs from the parts,
+    and with `listing`, `--list --parts DIR` writes the stage's own shard list. The help texts say what
+    this stage does in each mode."""
+    mode = parser.add_mutually_exclusive_group()
+    modes = []
+    if listing:
+        mode.add_argument("--list", action="store_true", help=listing)
+        modes.append("--list")
+    mode.add_argument("--shard", help=shard)
+    mode.add_argument("--gather", action="store_true", help=gather)
+    modes += ["--shard NAME", "--gather"]
+    parser.add_argument("--parts", help=f"folder of per-shard parts, one subfolder per shard (with "
+                                        f"{'/'.join(m.split()[0] for m in modes)})")
+    args = parser.parse_args()
+    if bool(getattr(args, "list", False) or args.shard or args.gather) != bool(args.parts):
+        parser.error(f"--parts goes with {', '.join(modes[:-1])} or {modes[-1]}, and they need it")
+    return args

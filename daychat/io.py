@@ -101,3 +101,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Put `src` at `dst` as a hard link (no copy, no extra space; `src` stays as it was), or as a copy
+    where a link is impossible (another filesystem, fs.protected_hardlinks on files we do not own). An
+    existing `dst` is an error, never overwritten."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        shutil.copyfile(src, dst)

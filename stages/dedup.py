@@ -24,7 +24,7 @@ import argparse
 import time
 from pathlib import Path
 
-from daychat.cli import run, status
+from daychat.cli import parse_args_with_parts, run, status
 from daychat.data.dedup import dedup, lsh_error_rates, sign_part
 from daychat.io import atomic_dir, write_metrics
 from daychat.params import load_section
@@ -60,14 +60,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="text dataset folder to read (manifest.json + parquet shards)")
     parser.add_argument("--out", required=True, help="text dataset folder to write, with removed.parquet")
     parser.add_argument("--metrics", required=True, help="flat metrics JSON to write")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--shard", help="sign only this shard (its manifest file name without suffix) into --parts")
-    mode.add_argument("--gather", action="store_true", help="write --out and --metrics from the parts in --parts")
-    parser.add_argument("--parts", help="folder of per-shard parts, one subfolder per shard (with --shard/--gather)")
-    args = parser.parse_args()
-    if bool(args.shard or args.gather) != bool(args.parts):
-        parser.error("--parts goes with --shard NAME or --gather, and they need it")
-    return args
+    return parse_args_with_parts(parser, shard="sign only this shard (its manifest file name without suffix) into --parts",
+                                 gather="write --out and --metrics from the parts in --parts")
 
 
 if __name__ == "__main__":

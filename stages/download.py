@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from daychat.cli import run, status
+from daychat.cli import parse_args_with_parts, run, status
 from daychat.data.sources import PLAN, download, download_part, gather_parts, plan_shards
 from daychat.data.textshards import write_manifest
 from daychat.io import atomic_dir, write_json, write_metrics
@@ -60,15 +60,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="text dataset folder to write (manifest.json + parquet shards)")
     parser.add_argument("--cache", required=True, help="download cache kept across runs (resumes, reuse)")
     parser.add_argument("--metrics", required=True, help="flat metrics JSON to write")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--list", action="store_true", help=f"write --parts/{PLAN}: the shards and their sources")
-    mode.add_argument("--shard", help="make only this listed shard (its file name without suffix) into --parts")
-    mode.add_argument("--gather", action="store_true", help="write --out and --metrics from the parts in --parts")
-    parser.add_argument("--parts", help="folder of per-shard parts, one subfolder per shard (with --list/--shard/--gather)")
-    args = parser.parse_args()
-    if bool(args.list or args.shard or args.gather) != bool(args.parts):
-        parser.error("--parts goes with --list, --shard NAME or --gather, and they need it")
-    return args
+    return parse_args_with_parts(
+        parser, listing=f"write --parts/{PLAN}: the shards and their sources",
+        shard="make only this listed shard (its file name without suffix) into --parts",
+        gather="write --out and --metrics from the parts in --parts")
 
 
 if __name__ == "__main__":

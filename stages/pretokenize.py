@@ -21,7 +21,7 @@ import argparse
 import time
 from pathlib import Path
 
-from daychat.cli import run, status
+from daychat.cli import parse_args_with_parts, run, status
 from daychat.data.textshards import read_manifest
 from daychat.data.tokens import (
     gather_parts,
@@ -87,14 +87,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (from the tokenizer stage)")
     parser.add_argument("--out", required=True, help="token dataset folder to write")
     parser.add_argument("--metrics", required=True, help="flat metrics JSON to write")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--shard", help="encode only this shard (its manifest file name without suffix) into --parts")
-    mode.add_argument("--gather", action="store_true", help="write --out and --metrics from the parts in --parts")
-    parser.add_argument("--parts", help="folder of per-shard parts, one subfolder per shard (with --shard/--gather)")
-    args = parser.parse_args()
-    if bool(args.shard or args.gather) != bool(args.parts):
-        parser.error("--parts goes with --shard NAME or --gather, and they need it")
-    return args
+    return parse_args_with_parts(parser, shard="encode only this shard (its manifest file name without suffix) into --parts",
+                                 gather="write --out and --metrics from the parts in --parts")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import argparse
 import time
 from pathlib import Path
 
-from daychat.cli import run, status
+from daychat.cli import parse_args_with_parts, run, status
 from daychat.data.quality import filter_dataset, filter_part
 from daychat.io import atomic_dir, write_metrics
 from daychat.params import load_section
@@ -63,14 +63,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="filtered text dataset folder to write")
     parser.add_argument("--cache", default=".cache/download", help="download cache for http(s) classifier sources")
     parser.add_argument("--metrics", required=True, help="flat metrics JSON to write")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--shard", help="filter only this shard (its manifest file name without suffix) into --parts")
-    mode.add_argument("--gather", action="store_true", help="write the outputs from the parts in --parts")
-    parser.add_argument("--parts", help="folder of per-shard parts, one subfolder per shard (with --shard/--gather)")
-    args = parser.parse_args()
-    if bool(args.shard or args.gather) != bool(args.parts):
-        parser.error("--parts goes with --shard NAME or --gather, and they need it")
-    return args
+    return parse_args_with_parts(parser, shard="filter only this shard (its manifest file name without suffix) into --parts",
+                                 gather="write the outputs from the parts in --parts")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ within the validation split go like any others.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import re
@@ -52,8 +51,9 @@ import pyarrow.parquet as pq
 import xxhash
 
 from daychat.cli import progress
-from daychat.data.textshards import (ShardInfo, ShardWriter, iter_text_batches, read_manifest, shard_paths,
-                                     write_manifest)
+from daychat.data.parts import PART, corrupt, find_shard, read_part
+from daychat.data.textshards import (MANIFEST, ShardInfo, ShardWriter, iter_text_batches, read_manifest,
+                                     shard_paths, write_manifest)
 from daychat.errors import UserError
 from daychat.io import write_json
 
@@ -69,7 +69,7 @@ READ_DOCS = 128  # documents read at a time (pyarrow may read a whole row group)
 BATCH_BYTES = 2 << 20  # text hashed per numpy pass: bounds the per-byte temporaries (~20 bytes per byte)
 MINHASH_BLOCK = 8192  # shingles per (num_perm, block) multiply-add-min: 100 x 8192 x 8 B = 6.5 MB
 VERIFY_BUDGET_SHINGLES = 32_000_000  # shingle hashes held at once while verifying (256 MB)
-PART = "part.json"  # in a part folder: which shard, made with which params, its counts and when it ran
+# A part (daychat.data.parts): part.json says which shard, made with which params, its counts and when it ran
 PART_ARRAYS = "signatures.npz"  # in a part folder: the shard's Signatures arrays
 PART_FORMAT = "daychat.dedup.part/1"
 SIGNATURE_PARAMS = ("shingle", "ngram", "num_perm", "bands", "rows", "boilerplate", "seed")  # what step 1 reads
@@ -405,12 +405,7 @@ def sign_part(data: str | os.PathLike, shard: str, out: str | os.PathLike, p) ->
     part.json's dict."""
     data, out = Path(data), Path(out)
     started = time.time()  # wall clock, comparable across the machines that run the parts
-    manifest = read_manifest(data)
-    found = [s for s in manifest if s.name == shard]
-    if not found:
-        raise UserError(f"shard {shard!r} is not listed in {data / 'manifest.json'} "
-                        f"(it lists {', '.join(s.name for s in manifest)})")
-    info = found[0]
+    info = find_shard(read_manifest(data), shard, data / MANIFEST)
     path = data / info.file
     if not path.is_file():
         raise UserError(f"{path} is listed in {data / 'manifest.json'} but missing; rerun the stage that writes it")
@@ -432,16 +427,13 @@ def load_parts(data: str | os.PathLike, parts: str | os.PathLike, p) -> tuple[Si
     data, parts = Path(data), Path(parts)
     results, found = [], []
     for shard in read_manifest(data):
+        part = read_part(parts, shard.name, "dedup", of=data)
         path = parts / shard.name / PART
-        if not path.is_file():
-            raise UserError(f"{path} not found: shard {shard.name} of {data} has no finished part "
-                            f"(run `dedup.py --shard {shard.name} --parts {parts}` first)")
         try:
-            part = json.loads(path.read_text(encoding="utf-8"))
             with np.load(path.parent / PART_ARRAYS) as arrays:
                 sigs = Signatures(arrays["exact"], arrays["bands"], arrays["shingles"], part["chars"], part["text_bytes"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path.parent} is corrupt ({e}); delete it and rerun its shard job") from None
+            raise corrupt(path.parent / PART_ARRAYS, e) from None
         if (part.get("format"), part.get("file"), part.get("source_sha256"), part.get("params")) != \
                 (PART_FORMAT, shard.file, shard.sha256, _signature_params(p)) or \
                 sigs.bands.shape != (part.get("docs"), p.bands):

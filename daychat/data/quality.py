@@ -71,9 +71,10 @@ import xxhash
 from daychat.cli import progress, status
 from daychat.data import sources
 from daychat.data.heuristics import REASONS, Drop, Heuristics, Words
+from daychat.data.parts import PART, corrupt, find_shard, read_part
 from daychat.data.textshards import MANIFEST, SCHEMA, ShardInfo, ShardWriter, read_manifest, write_manifest
 from daychat.errors import UserError
-from daychat.io import sha256_file, write_json
+from daychat.io import link_or_copy, sha256_file, write_json
 from daychat.params import DownloadParams, ParamsError, QualityParams
 
 # Every drop reason (a metric `dropped_<reason>` each), in the order the filters run.
@@ -88,7 +89,7 @@ SAMPLE_WINDOWS = 4
 HQ, LQ = "__label__hq", "__label__lq"
 MIN_CLASS_DOCS = 10  # fewer documents on either side and held-out precision/recall mean nothing
 SCRATCH = ".prefilter"  # pass A's survivors when the classifier runs; removed before `out` is renamed
-PART = "part.json"  # in a part folder: the shard, the params pass A read, the survivors' entry, the tally
+# A part (daychat.data.parts): part.json holds the shard, the params pass A read, the survivors' entry, the tally
 PART_FORMAT = "daychat.quality.part/1"
 
 
@@ -644,7 +645,7 @@ def filter_dataset(p: QualityParams, data: str | os.PathLike, out: str | os.Path
             t0 -= time.time() - started  # the stage's wall time: from the first shard job's start
             if not p.classifier:
                 for path in paths:
-                    _link_or_copy(path, out / path.name)
+                    link_or_copy(path, out / path.name)
         report = cut = None
         if p.classifier:
             report, cut, infos = _pass_b(p, infos, paths, out, model_out, Path(cache), tally, audit)
@@ -668,11 +669,7 @@ def filter_part(p: QualityParams, data: str | os.PathLike, shard: str, out: str 
     audit rows as `out/dropped.parquet`, and part.json, whose dict is returned."""
     data, out = Path(data), Path(out)
     started = time.time()  # wall clock, comparable across the machines that run the parts
-    manifest = read_manifest(data)
-    found = [s for s in manifest if s.name == shard]
-    if not found:
-        raise UserError(f"shard {shard!r} is not listed in {data / MANIFEST} "
-                        f"(it lists {', '.join(s.name for s in manifest)})")
+    found = [find_shard(read_manifest(data), shard, data / MANIFEST)]
     tally = Tally()
     audit = AuditWriter(out / AUDIT_FILE)
     try:
@@ -697,18 +694,15 @@ def _load_parts(p: QualityParams, data: Path, shards: list[ShardInfo], parts: Pa
     part is checked against what the run needs now (the shard's sha256, the params pass A reads)."""
     infos, paths, started = [], [], []
     for shard in shards:
+        part = read_part(parts, shard.name, "quality", of=data)
         path = parts / shard.name / PART
-        if not path.is_file():
-            raise UserError(f"{path} not found: shard {shard.name} of {data} has no finished part "
-                            f"(run `quality.py --shard {shard.name} --parts {parts}` first)")
         try:
-            part = json.loads(path.read_text(encoding="utf-8"))
             info = ShardInfo(**part["shard"])
             t = part["tally"]
             part_tally = Tally(t["docs"], t["bytes"], t["kept"], t["stripped_chars"], t["stripped_docs"],
                                Counter(t["dropped"]), Counter(t["seconds"]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path} is corrupt ({e}); delete {path.parent} and rerun its shard job") from None
+        except (KeyError, TypeError) as e:
+            raise corrupt(path, e) from None
         if (part.get("format"), part.get("source"), part.get("source_sha256"), part.get("params")) != \
                 (PART_FORMAT, shard.file, shard.sha256, _pass_a_params(p)):
             raise UserError(f"{path} was made from other inputs (the shard, or quality params other than "
@@ -727,13 +721,6 @@ def _pass_a_params(p: QualityParams) -> dict:
     """The params pass A reads (all but the classifier's and the process count), as JSON reads them back."""
     return json.loads(json.dumps({k: v for k, v in asdict(p).items()
                                   if not k.startswith("classifier") and k != "workers"}))
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # no copy, and the part stays as it was
-    except OSError:  # another filesystem, or one without hard links
-        shutil.copyfile(src, dst)
 
 
 def _pass_a(p: QualityParams, chunks: list[Chunk], shards: list[ShardInfo], folder: Path, tally: Tally,

@@ -35,7 +35,6 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
 import sysconfig
 import threading
@@ -56,9 +55,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from daychat.cli import progress
+from daychat.data.parts import PART, corrupt, find_shard, read_part
 from daychat.data.textshards import ROW_GROUP_DOCS, SCHEMA, ShardInfo, ShardWriter, verify_parquet
 from daychat.errors import UserError
-from daychat.io import sha256_file, write_json
+from daychat.io import link_or_copy, sha256_file, write_json
 from daychat.params import DownloadParams, ParamsError
 
 
@@ -428,7 +428,7 @@ def normalise_shard(src: Path, dest: Path, split: str, *, text_field: str, sourc
                         f"set download.text_field")
     if text_field == "text" and schema.remove_metadata().equals(SCHEMA, check_metadata=False):
         rows, chars = verify_parquet(src)
-        _link_or_copy(src, dest)
+        link_or_copy(src, dest)
         return ShardInfo(file=dest.name, split=split, rows=rows, chars=chars, bytes=dest.stat().st_size,
                          sha256=sha256_file(dest), origin=origin)
     with ShardWriter(dest, split, origin) as writer:
@@ -458,15 +458,6 @@ def parquet_documents(path: Path, *, text_field: str, source: str, id_prefix: st
             row += len(texts)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path} is not a readable parquet file ({e})") from None
-
-
-def _link_or_copy(src: Path, dest: Path) -> None:
-    # A hardlink costs no space; it fails across filesystems and on files we do not own
-    # (fs.protected_hardlinks), where a copy does.
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -800,7 +791,6 @@ def _count_chars(docs: Iterable[Doc], max_chars: int) -> Iterator[Doc]:
 
 PLAN = "shards.json"
 PLAN_FORMAT = "daychat.download.shards/1"
-PART = "part.json"
 
 
 @dataclass
@@ -880,11 +870,7 @@ def download_part(p: DownloadParams, parts: str | os.PathLike, name: str, out: s
     part.json (its manifest entry, what fetching it cost, when it ran). Return part.json's dict."""
     started = time.time()  # wall clock, comparable across the machines that run the parts
     plan, shards = read_plan(p, parts)
-    found = [s for s in shards if s.name == name]
-    if not found:
-        raise UserError(f"shard {name!r} is not listed in {Path(parts) / PLAN} (it lists "
-                        f"{', '.join(s.name for s in shards)})")
-    shard, out = found[0], Path(out)
+    shard, out = find_shard(shards, name, Path(parts) / PLAN), Path(out)
     cost = {"download_bytes": 0, "cached": False, "retries": 0}
     if shard.url:
         folder = cache_folder(cache, plan["about"]["base_url"])
@@ -927,21 +913,18 @@ def gather_parts(p: DownloadParams, parts: str | os.PathLike, out: str | os.Path
     infos, runs = [], []
     stats = Stats(**plan["stats"])
     for shard in shards:
+        part = read_part(parts, shard.name, "download")
         path = parts / shard.name / PART
-        if not path.is_file():
-            raise UserError(f"{path} not found: shard {shard.name} has no finished part "
-                            f"(run `download.py --shard {shard.name} --parts {parts}` first)")
         try:
-            part = json.loads(path.read_text(encoding="utf-8"))
             info = ShardInfo(**part["shard"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path} is corrupt ({e}); delete {path.parent} and rerun its shard job") from None
+        except (KeyError, TypeError) as e:
+            raise corrupt(path, e) from None
         made = path.parent / info.file
         if part["plan"] != _digest(plan) or info.file != shard.file or not made.is_file() \
                 or made.stat().st_size != info.bytes:
             raise UserError(f"{path.parent} was made for another plan or is incomplete; "
                             f"delete it and rerun its shard job")
-        _link_or_copy(made, out / info.file)
+        link_or_copy(made, out / info.file)
         infos.append(info)
         runs.append((part["started"], part["finished"]))
         stats.download_bytes += part["download_bytes"]

@@ -28,7 +28,6 @@ import json
 import multiprocessing
 import os
 import queue
-import shutil
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -38,19 +37,21 @@ from typing import Callable, Iterator
 import numpy as np
 
 from daychat.cli import progress
+from daychat.data.parts import PART, corrupt, find_shard, read_part
 from daychat.data.textshards import (
+    MANIFEST,
     ShardInfo,
     iter_text_batches,
     read_manifest,
     shard_paths,
 )
 from daychat.errors import UserError
-from daychat.io import sha256_file, write_json
+from daychat.io import link_or_copy, sha256_file, write_json
 from daychat.tokenizer import TIKTOKEN_FILE, Tokenizer
 
 FORMAT = "daychat.tokens/1"
 META = "meta.json"
-PART = "part.json"  # in a part folder: the shard's meta.json entry, dtype, tokenizer hash and timing
+# A part's part.json (daychat.data.parts) holds the shard's meta.json entry, dtype, tokenizer hash and timing.
 PART_FORMAT = "daychat.tokens.part/1"
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
@@ -211,14 +212,10 @@ def pretokenize_part(data: str | os.PathLike, tokenizer: str | os.PathLike, shar
     started = time.time()  # wall clock, comparable across the machines that run the parts
     tok = Tokenizer.load(tokenizer)
     np_dtype = token_dtype(tok.vocab_size, dtype)
-    manifest = read_manifest(data)
-    found = [s for s in manifest if s.name == shard]
-    if not found:
-        raise UserError(f"shard {shard!r} is not listed in {data / 'manifest.json'} "
-                        f"(it lists {', '.join(s.name for s in manifest)})")
+    info = find_shard(read_manifest(data), shard, data / MANIFEST)
     _, threads = plan_workers(workers, 1)  # one shard: the cores go to threads
-    job = _plan_job(data, tokenizer, found[0], out, np_dtype, batch_docs, threads)
-    with progress(total=found[0].chars or None, desc=f"pretokenize {shard}", unit="char", unit_scale=True) as bar:
+    job = _plan_job(data, tokenizer, info, out, np_dtype, batch_docs, threads)
+    with progress(total=info.chars or None, desc=f"pretokenize {shard}", unit="char", unit_scale=True) as bar:
         info = _encode_job(job, bar.update)
     part = {"format": PART_FORMAT, "dtype": np_dtype.name, "tokenizer_sha256": sha256_file(tokenizer / TIKTOKEN_FILE),
             "shard": asdict(info), "started": started, "finished": time.time()}
@@ -241,36 +238,24 @@ def gather_parts(data: str | os.PathLike, tokenizer: str | os.PathLike, parts: s
     tokenizer_sha256 = sha256_file(tokenizer / TIKTOKEN_FILE)
     found, infos = [], []
     for shard in read_manifest(data):
+        part = read_part(parts, shard.name, "pretokenize", of=data)
         path = parts / shard.name / PART
-        if not path.is_file():
-            raise UserError(f"{path} not found: shard {shard.name} of {data} has no finished part "
-                            f"(run `pretokenize.py --shard {shard.name} --parts {parts}` first)")
         try:
-            part = json.loads(path.read_text(encoding="utf-8"))
             info = TokenShardInfo(**part["shard"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path} is corrupt ({e}); delete {path.parent} and rerun its shard job") from None
+        except (KeyError, TypeError) as e:
+            raise corrupt(path, e) from None
         if (part.get("format"), info.source_sha256, part.get("tokenizer_sha256"), part.get("dtype")) != \
                 (PART_FORMAT, shard.sha256, tokenizer_sha256, np_dtype.name):
             raise UserError(f"{path} was made from other inputs (shard, tokenizer or dtype changed); "
                             f"delete {path.parent} and rerun its shard job")
         for name in (info.file, info.index):
-            _link_or_copy(path.parent / name, out / name)
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(path.parent / name, out / name)
         found.append(part)
         infos.append(info)
     meta = _build_meta(tok, tokenizer, np_dtype, infos)
     write_json(out / META, meta)
     return meta, found
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except FileExistsError:
-        raise
-    except OSError:  # another filesystem, or one without hard links
-        shutil.copyfile(src, dst)
 
 
 def _run_in_pool(jobs: list[_Job], processes: int, on_batch: Callable[[int], None]) -> list[TokenShardInfo]:
