@@ -47,8 +47,8 @@ from daychat.train import distributed
 from daychat.train.checkpoint import Checkpointer, run_fingerprint, write_model_folder
 from daychat.train.ema import EMA, decay_for
 from daychat.train.evaluate import evaluate_bpb, val_batches
-from daychat.train.loop import CheckpointPolicy, LoopSettings, Trainer, autocast_for
-from daychat.train.metrics import LiveLog, device_name, peak_flops, pick_device
+from daychat.train.loop import CheckpointPolicy, LoopSettings, Trainer, autocast_for, resume_and_run
+from daychat.train.metrics import device_name, peak_flops, pick_device
 from daychat.train.schedule import plan_batch, schedule_from_params
 
 NAME = "pretrain"
@@ -151,18 +151,10 @@ def main() -> None:
         status(NAME, "FP8 matmuls (e4m3 forward, e5m2 gradients, tensorwise scales) in the block linears")
     if ema is not None:
         status(NAME, f"EMA of the weights: half-life {p.ema_halflife_tokens:,} tokens = decay {ema.decay:.6f} a step")
-    resumed = trainer.resume()
-    status(NAME, f"run {checkpointer.folder}: " + (f"resuming after step {resumed:,}" if resumed is not None else "fresh start"))
-
-    if not main_rank:  # the other ranks train, then leave the outputs to rank 0
-        trainer.run()
+    state = resume_and_run(trainer, args.live, NAME, main=main_rank)
+    if state is None:  # another rank: it trained; the outputs are rank 0's
         distributed.shutdown()
         return
-    live = LiveLog(args.live)
-    live.replay(trainer.state.history)  # the curves start at step 0 even after a resume
-    trainer.log = live.log
-    state = trainer.run()
-    live.close()
 
     # The EMA's val bpb on the same batches as the raw weights' final evaluation; ema_pick chooses.
     val_bpb_ema, chosen = None, "raw"

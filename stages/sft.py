@@ -53,8 +53,8 @@ from daychat.train.checkpoint import (
     run_fingerprint,
     write_model_folder,
 )
-from daychat.train.loop import CheckpointPolicy, LoopSettings, Trainer, autocast_for
-from daychat.train.metrics import LiveLog, device_name, peak_flops, pick_device
+from daychat.train.loop import CheckpointPolicy, LoopSettings, Trainer, autocast_for, resume_and_run
+from daychat.train.metrics import device_name, peak_flops, pick_device
 from daychat.train.schedule import Horizon, Schedule, plan_batch
 
 NAME = "sft"
@@ -139,19 +139,10 @@ def main() -> None:
     if dist is not None:
         status(NAME, f"data parallel over {world} processes ({'nccl' if device.type == 'cuda' else 'gloo'}), "
                      f"{plan.accum_steps(p.seq_len) // world} micro-batches each a step")
-    resumed = trainer.resume()
-    status(NAME, f"run {checkpointer.folder}: " + (f"resuming after step {resumed:,}" if resumed is not None else "fresh start"))
-
-    if not main_rank:  # the other ranks train, then leave the outputs to rank 0
-        trainer.run()
+    state = resume_and_run(trainer, args.live, NAME, main=main_rank)
+    if state is None:  # another rank: it trained; the outputs are rank 0's
         distributed.shutdown()
         return
-
-    live = LiveLog(args.live)
-    live.replay(trainer.state.history)
-    trainer.log = live.log
-    state = trainer.run()
-    live.close()
 
     first_val = next((row["val/loss"] for row in state.history if row.get("step") == 0 and "val/loss" in row), None)
     metrics = {

@@ -43,7 +43,6 @@ import gzip
 import hashlib
 import json
 import os
-import random
 import re
 import time
 import zipfile
@@ -57,6 +56,7 @@ import torch
 
 from daychat.chat.format import render_prompt
 from daychat.errors import UserError
+from daychat.eval.core import select_items
 from daychat.io import atomic_dir, sha256_file, write_json
 
 TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k")
@@ -269,12 +269,8 @@ def load_tasks(folder: str | os.PathLike, names: Sequence[str] = TASKS) -> list[
     return [read_task(folder, name) for name in names]
 
 
-def select(items: Sequence[dict], max_items: int, seed: int) -> list[dict]:
-    """A fair sample: shuffle a copy with Random(seed), keep the first max_items (0 = all). The same seed
-    gives the same items every run, so proxies over a few items compare across checkpoints."""
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items[:max_items] if max_items > 0 else items
+# A fair sample of a task's items, `select(items, max_items, seed)`: CORE's rule with chat_eval's seed.
+select = select_items
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -69,10 +69,11 @@ class Task:
 # Item selection and few-shot sampling
 
 
-def select_items(items: Sequence[dict], max_per_task: int = 0) -> list[dict]:
-    """base_eval.py's rule: shuffle a copy with Random(1337), keep the first max_per_task (0 = all)."""
+def select_items(items: Sequence[dict], max_per_task: int = 0, seed: int = SHUFFLE_SEED) -> list[dict]:
+    """base_eval.py's rule: shuffle a copy with Random(1337), keep the first max_per_task (0 = all). The
+    same seed gives the same items every run, so proxies over a few items compare across checkpoints."""
     items = list(items)
-    random.Random(SHUFFLE_SEED).shuffle(items)
+    random.Random(seed).shuffle(items)
     return items[:max_per_task] if max_per_task > 0 else items
 
 

@@ -43,7 +43,7 @@ from daychat.cli import status
 from daychat.errors import UserError
 from daychat.optim import set_lr_multiplier, set_muon_momentum, set_weight_decay_multiplier
 from daychat.train.checkpoint import Checkpointer, rng_state, set_rng_state
-from daychat.train.metrics import peak_memory_gib
+from daychat.train.metrics import LiveLog, peak_memory_gib
 from daychat.train.schedule import BatchPlan, Schedule
 
 LOSS_EMA = 0.9  # smoothing of the logged train loss (and the reference a spike is measured against)
@@ -368,3 +368,22 @@ def _hours(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def resume_and_run(trainer: Trainer, live: str, section: str, *, main: bool = True) -> LoopState | None:
+    """What a training stage does once its Trainer is built: resume the latest checkpoint (saying which)
+    and train to the horizon. The main process logs the curves into the dvclive folder `live` (the resumed
+    rows replayed first, so the curves start at step 0) and gets the final state; other data-parallel
+    ranks train and get None."""
+    resumed = trainer.resume()
+    folder = trainer.checkpoints.checkpointer.folder if trainer.checkpoints else None
+    status(section, f"run {folder}: " + (f"resuming after step {resumed:,}" if resumed is not None else "fresh start"))
+    if not main:
+        trainer.run()
+        return None
+    log = LiveLog(live)
+    log.replay(trainer.state.history)
+    trainer.log = log.log
+    state = trainer.run()
+    log.close()
+    return state
