@@ -7,7 +7,7 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 CORES      ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup setup-cluster demo test bench plan sweep chat clean-demo
+.PHONY: setup setup-cluster demo test bench plan sweep chat clean-demo rehearse gpu-check
 
 setup: $(VENV)/.daychat-installed
 
@@ -44,6 +44,21 @@ HOURS ?= 24
 plan: setup
 	$(PY) -m daychat.plan --card $(CARD) --hours $(HOURS) $(if $(PROBE),--probe $(PROBE)) \
 		--out-recipe workflow/recipes/$(CARD)-$(HOURS)h.yaml --report reports/plan.md
+
+# Every GPU phase of a recipe (training, optimizer step, val bpb, CORE, SFT, chat eval, generation) run once
+# at its real shapes on the device present, against the memory model and the card: reports/rehearse.md.
+# On a CPU the depth is lowered to fit (the table says so). TOKENIZER, BUNDLE, CHAT_DATA: where the longest
+# prompts are measured (default: the eval stages' own sources; offline: BUNDLE=../shared/data/eval_bundle
+# CHAT_DATA=../shared/data/sft).
+PARAMS ?= params.yaml
+rehearse: setup
+	$(PY) -m daychat.plan.rehearse --params $(PARAMS) --card $(CARD) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) \
+		$(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(CHAT_DATA),--chat-data $(CHAT_DATA)) \
+		--out reports/rehearse.md --metrics reports/metrics/rehearse.json --json reports/rehearse.json
+
+# The prepared check for a visit to a CUDA machine (bench/gpu_check.py): reports/bench/gpu-<card>.json.
+gpu-check:
+	bash bench/gpu_check.sh
 
 # Loss against compute on a family of small CPU runs, projected to the 24 h budget (reports/scaling.md).
 sweep: setup

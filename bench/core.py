@@ -2,7 +2,8 @@
 
 A randomly initialised tiny GPT (2 layers of 64, context 256, a 400-token BPE trained on ARC-Easy text)
 scores the first 20 items of every task of ../shared/data/eval_bundle (440 items; few-shot prompts are
-cropped to the context) with batch_size 32. Throughput = items / wall seconds of evaluate_core, tokenizing
+scored uncropped, past the context as the reference does) in batches of 8,192 tokens, through the
+memory-bounded scoring path (daychat.eval.scoring). Throughput = items / wall seconds of evaluate_core, tokenizing
 and rendering included. Results are merged into reports/bench/core.json under "cpu_tiny".
 """
 
@@ -23,7 +24,7 @@ from daychat.tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT.parent / "shared" / "data" / "eval_bundle"
 OUT = ROOT / "reports" / "bench" / "core.json"
-PER_TASK, BATCH, SEQ_LEN = 20, 32, 256
+PER_TASK, BATCH_TOKENS, SEQ_LEN = 20, 8192, 256
 
 
 def main() -> None:
@@ -36,10 +37,10 @@ def main() -> None:
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=SEQ_LEN, depth=2, aspect_ratio=32, head_dim=32))
     model.init_weights()
     model.eval()
-    result = evaluate_core(lambda ids: model(ids), tok, tasks, PER_TASK, "cpu", BATCH, SEQ_LEN)
+    result = evaluate_core(model, tok, tasks, PER_TASK, "cpu", BATCH_TOKENS, model.max_positions)
     full_items = sum(len(t.items) for t in tasks)
     cpu_tiny = {"examples": result["examples"], "seconds": round(result["seconds"], 2),
-                "examples_per_s": round(result["examples_per_s"], 1), "per_task": PER_TASK, "batch_size": BATCH,
+                "examples_per_s": round(result["examples_per_s"], 1), "per_task": PER_TASK, "batch_tokens": BATCH_TOKENS,
                 "model": "depth 2, dim 64, context 256, vocab 400", "threads": torch.get_num_threads(),
                 "full_bundle_items": full_items,
                 }

@@ -1,4 +1,6 @@
-"""The memory model against measured peaks: `python -m bench.memory [--quick]`, into reports/bench/memory.json.
+"""The memory model against measured peaks: `python -m bench.memory [--quick | --scoring]`, into
+reports/bench/memory.json. Training steps (GRID) and the evaluation phases (SCORING: CORE scoring, val bpb,
+letter scoring, generation; `--scoring` runs only these).
 
 Each config of GRID runs real training steps (the GPT, build_optimizers' AdamW + Muon, gradient
 accumulation over 2 micro-batches, 2 optimizer steps so the optimizer state exists during the second
@@ -46,6 +48,23 @@ GRID = {
 }
 QUICK = ("d2-v8k", "d8-v2k-deep")  # what tests/test_memory.py measures live
 STEPS, ACCUM = 2, 2
+
+# Evaluation phases (daychat.plan.rehearse jobs, the code the stages run), at vocab 32,768 and rows of 2,048
+# tokens: CORE-style scoring of more and more items under one token budget (8 rows a batch) (the peak must stay flat: the
+# budget, not the item count, sets it; full-vocabulary fp32 logits for the same batches would need
+# ~3 x rows x 2048 x 32768 x 4 bytes), the val bpb / SFT validation pass, letter scoring and generation.
+_SCORE = dict(depth=2, aspect_ratio=256, head_dim=64, vocab_size=32768, sequence_len=2048)
+SCORING = {
+    "core-8-items": dict(kind="score", config=_SCORE, tokens=16384, width=2048, items=8),
+    "core-32-items": dict(kind="score", config=_SCORE, tokens=16384, width=2048, items=32),
+    "core-128-items": dict(kind="score", config=_SCORE, tokens=16384, width=2048, items=128),
+    "val-4x2048": dict(kind="val", config=_SCORE, rows=4, seq_len=2048),
+    "letters-32k": dict(kind="letters", config=_SCORE, tokens=32768, width=1024),
+    "generate-2k": dict(kind="generate", config=dict(_SCORE, depth=4), prompt=1792, new_tokens=256),
+    "core-d6-wide": dict(kind="score", config=dict(_SCORE, depth=6, aspect_ratio=128, vocab_size=8192),
+                         tokens=32768, width=1024),
+}
+FLAT = ("core-8-items", "core-32-items", "core-128-items")  # the same budget: 1, 4 and 16 batches
 
 
 def _rss_kib() -> tuple[int, int]:
@@ -130,6 +149,26 @@ def compare(name: str, spec: dict, measured: int | None = None) -> dict:
             "breakdown_mib": {k: v / 2 ** 20 for k, v in est.breakdown.items()}}
 
 
+def compare_scoring(name: str, spec: dict) -> dict:
+    """One evaluation job (daychat.plan.rehearse) measured in a fresh process, against its CPU estimate."""
+    from daychat.plan.memory import GiB
+    from daychat.plan.rehearse import Job, _run, cpu_estimate
+
+    job = Job(stage="bench", phases=[name], device="cpu", threads=1, precision="fp32", compile=False, **spec)
+    measured = _run(job, timeout_s=1800)
+    if "error" in measured:
+        raise RuntimeError(f"measuring {name} failed: {measured['error']}")
+    est = cpu_estimate(job)[0]
+    peak = measured[name]["peak_bytes"]
+    # what the scoring before daychat.eval.scoring held for the same items: batches of up to 32 sequences,
+    # their full-vocabulary fp32 logits, softcap and log-softmax (~3 x rows x T x V x 4 bytes)
+    full_logits = 3 * min(job.items or 32, 32) * job.width * job.config["vocab_size"] * 4
+    return {"config": spec, "measured_bytes": peak, "measured_mib": peak / 2 ** 20,
+            "estimated_mib": est.total_bytes / 2 ** 20, "error": est.total_bytes / peak - 1, "phase": est.name,
+            "seconds": measured[name]["seconds"], "full_logits_gib": full_logits / GiB if job.kind == "score" else None,
+            "breakdown_mib": {k: v / 2 ** 20 for k, v in {**est.static, **est.dynamic}.items()}}
+
+
 def table(results: dict[str, dict]) -> str:
     rows = ["| config | measured MiB | estimated MiB | error | peak phase |", "|---|---:|---:|---:|---|"]
     for name, r in results.items():
@@ -143,11 +182,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--reestimate", action="store_true",
                         help=f"keep the measurements in {OUT.name}, recompute the estimates (after a model change)")
+    parser.add_argument("--scoring", action="store_true", help=f"the evaluation phases ({', '.join(SCORING)}) only")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one JSON spec in this process
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure_one(json.loads(args.one))))
         return
+    if args.scoring or not (args.names or args.quick or args.reestimate):
+        scoring = {}
+        for name, spec in SCORING.items():
+            scoring[name] = r = compare_scoring(name, spec)
+            print(f"{name}: measured {r['measured_mib']:.1f} MiB, estimated {r['estimated_mib']:.1f} MiB "
+                  f"({r['error']:+.1%}, {r['seconds']:.1f} s)", flush=True)
+        peaks = [scoring[n]["measured_mib"] for n in FLAT]
+        record(OUT, {f"cpu/scoring/{name}": r for name, r in scoring.items()})
+        record(OUT, {"cpu/scoring/summary": {
+            "configs": len(scoring), "max_abs_error": max(abs(r["error"]) for r in scoring.values()),
+            "table": table(scoring), "flat_items": list(FLAT), "flat_peaks_mib": peaks,
+            "flat_spread": max(peaks) / min(peaks) - 1,
+            "method": "daychat.plan.rehearse jobs in fresh processes: VmHWM - RSS before the model, "
+                      "MALLOC_MMAP_THRESHOLD_=65536, 1 thread, fp32 eager"}})
+        print(table(scoring))
+        print(f"CORE scoring under one 16,384-token budget: {', '.join(f'{p:.0f}' for p in peaks)} MiB for "
+              f"{', '.join(n.split('-')[1] for n in FLAT)} items")
+        if args.scoring:
+            return
     names = args.names or (list(QUICK) if args.quick else list(GRID))
     recorded = json.loads(OUT.read_text()) if args.reestimate else {}
     results = {}

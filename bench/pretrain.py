@@ -64,7 +64,8 @@ def measure(name: str, steps: int) -> dict:
     from daychat.train.metrics import device_name, peak_flops, peak_memory_gib
     from daychat.train.schedule import BatchPlan, Horizon, Schedule
 
-    spec = recipe_config() if name == "recipe" else dict(CONFIGS[name])
+    base, _, variant = name.partition("+")  # "recipe+fp8": the recipe's model with FP8 block matmuls
+    spec = recipe_config() if base == "recipe" else dict(CONFIGS[base])
     rows, seq_len, accum = spec.pop("rows"), spec.pop("seq_len"), spec.pop("accum")
     lrs = {key: spec.pop(key) for key in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
            if key in spec}
@@ -75,6 +76,10 @@ def measure(name: str, steps: int) -> dict:
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
+    if variant == "fp8":
+        from daychat.model.fp8 import convert_to_fp8
+
+        convert_to_fp8(model)
     optimizers = build_optimizers(model, **{"matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.004,
                                             "scalar_lr": 0.5, "weight_decay": 0.0, **lrs})
     plan = BatchPlan(total_batch=rows * seq_len * accum, device_batch=rows, max_seq_len=seq_len)
@@ -102,7 +107,7 @@ def measure(name: str, steps: int) -> dict:
         "config": {**spec, "seq_len": seq_len, "rows": rows, "accum": accum, "model_dim": config.model_dim},
         "params": model.num_params()["total"],
         "flops_per_token": flops_per_token,
-        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "precision": ("bf16 autocast" if device.type == "cuda" else "fp32") + (" + FP8 block matmuls" if variant == "fp8" else ""),
         "compile": device.type == "cuda",
         "steps": steps,
         "step_s": step_s,
@@ -115,9 +120,22 @@ def measure(name: str, steps: int) -> dict:
     }
 
 
+def run(name: str, steps: int, timeout_s: float | None = None) -> dict:
+    """`measure(name, steps)` in a process of its own; an error (out of memory, a timeout) is returned, not raised."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "bench.pretrain", "--one", name, "--steps", str(steps)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:g} s"}
+    if out.returncode != 0:  # e.g. out of memory: say so and go on with the others
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help=f"configs: recipe, {', '.join(CONFIGS)} (default: by device)")
+    parser.add_argument("names", nargs="*", help=f"configs: recipe, {', '.join(CONFIGS)}, each optionally +fp8 "
+                                                 "(default: by device)")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per config (default: 5 on CPU, 3 on CUDA)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config in this process
     args = parser.parse_args()
@@ -132,12 +150,7 @@ def main() -> None:
     steps = args.steps or (3 if cuda else 5)
     results = {}
     for name in names:
-        out = subprocess.run([sys.executable, "-m", "bench.pretrain", "--one", name, "--steps", str(steps)],
-                             cwd=ROOT, capture_output=True, text=True)
-        if out.returncode != 0:  # e.g. out of memory: say so and go on with the others
-            results[name] = {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-        else:
-            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[name] = run(name, steps)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
 
     kind = "cuda" if cuda else "cpu"

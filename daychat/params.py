@@ -375,8 +375,13 @@ class CoreEvalParams:
     sha256: str = ""  # expected sha256 of the zip (source: url); empty: record it, do not check
     path: str = ""  # source: local
     max_per_task: int = knob(0, min=0)  # items per task after the reference's seeded shuffle; 0 = all
-    batch_size: int = knob(32, min=1)  # sequences per forward (an item's choices always go together)
+    # Tokens per forward (rows x padded width; daychat.eval.core batches by it, never by a count of items):
+    # 0 = the largest batch the card holds beside the model (daychat.plan.memory), at most 65,536; on a CPU
+    # (memory_gib 0) 8,192. The stage refuses, before loading the model, a batch or a prompt that cannot fit.
+    batch_tokens: int = knob(0, min=0)
     device: str = knob("auto", choices=("auto", "cpu", "cuda"))
+    memory_gib: float = knob(0.0, min=0.0)  # 0 = the CUDA card's own memory (a CPU run is not checked)
+    memory_margin: float = knob(0.05, min=0.0, max=0.9)
     retries: int = knob(5, min=0, max=100)
     timeout_s: float = knob(60.0, min=1.0)
 
@@ -401,11 +406,15 @@ class ChatEvalParams:
     tasks: list[str] = knob(["arc_easy", "arc_challenge", "mmlu", "gsm8k"])
     max_items: int = knob(0, min=0)  # items per task after a seeded shuffle; 0 = all
     seed: int = knob(42, min=0)  # the shuffle, and GSM8K sampling (item i uses seed + i) when temperature > 0
-    batch_size: int = knob(32, min=1)  # letter-choice prompts per forward
+    # Letter-choice prompts are batched by tokens (rows x padded width): 0 = the largest batch the card holds
+    # beside the model (daychat.plan.memory), at most 65,536; on a CPU (memory_gib 0) 8,192.
+    batch_tokens: int = knob(0, min=0)
     max_new_tokens: int = knob(256, min=1, max=4096)  # GSM8K reply length cap
     temperature: float = knob(0.0, min=0.0)  # 0 = greedy (nanochat evaluates GSM8K greedily)
     top_k: int = knob(0, min=0)  # 0 = the whole vocabulary
     device: str = knob("auto", choices=("auto", "cpu", "cuda"))
+    memory_gib: float = knob(0.0, min=0.0)  # 0 = the CUDA card's own memory (a CPU run is not checked)
+    memory_margin: float = knob(0.05, min=0.0, max=0.9)
     retries: int = knob(5, min=0, max=100)
     timeout_s: float = knob(60.0, min=1.0)
 

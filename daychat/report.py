@@ -354,6 +354,17 @@ def core_scores(core: dict) -> tuple[str | None, float | None, list[dict]]:
     return key, core.get(key) if key else None, rows
 
 
+def core_crop_note(core: dict) -> str:
+    """What the score's prompts were: uncropped as the reference scores them, or how many items were cut."""
+    longest, cropped = core.get("longest_tokens"), core.get("cropped")
+    if cropped is None:
+        return "_Prompt lengths not recorded (core_eval ran before daychat recorded them)._"
+    if cropped:
+        return (f"**{cropped} items had prompts longer than the model can read and were cut to their last tokens**: "
+                f"the reference scores them whole, so this score is not exactly comparable.")
+    return f"Every prompt scored uncropped, as the reference scores them (the longest: {longest:,} tokens)."
+
+
 def plot_core(core: dict, path: Path) -> str | None:
     key, score, rows = core_scores(core)
     rows = [r for r in rows if isinstance(r["centered"], (int, float))]
@@ -585,6 +596,7 @@ def render(c: Collected, samples: dict, p: Any, out_dir: Path, md: Path, link_di
             lines += [f"**CORE on a subset of the tasks: {_fmt(score)}** (not comparable with a full CORE score).", ""]
         elif key:
             lines += [f"**CORE: {_fmt(score)}** (GPT-2: " + ", ".join(f"{k} {v}" for k, v in GPT2_CORE.items()) + ")", ""]
+        lines += [core_crop_note(m["core_eval"]), ""]
         details = c.core_tasks if isinstance(c.core_tasks, dict) else {}
         extra = sorted({k for d in details.values() if isinstance(d, dict) for k, v in d.items()
                         if not isinstance(v, (dict, list)) and k not in ("acc", "centered", "accuracy")})[:4]

@@ -31,7 +31,8 @@ def generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, *, 
     idx = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)  # (N, T)
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -window:])[:, -1, :]  # (N, V): only the last position predicts the next token
+        # (N, V): only the last position predicts the next token, so only its logits are made
+        logits = model.head(model.hidden(idx[:, -window:])[:, -1, :])
         if temperature == 0:
             next_id = logits.argmax(dim=-1, keepdim=True)
         else:

@@ -8,7 +8,12 @@ baseline, n, skipped with reasons, seconds, items/s; the data files read), repor
 (one line per item: gold and predicted answer, correct; GSM8K with the reply), skipped.jsonl (the items left
 out and why), and flat metrics: `chatcore` (the public test splits, every item, all four tasks) or
 `chatcore_subset` (anything else), `label` saying which, per task acc_<task>, centered_<task>,
-baseline_<task>, n_<task>, skipped_<task>, and items, choice_items_per_s, gsm8k_items_per_s, seconds.
+baseline_<task>, n_<task>, skipped_<task>, and items, choice_items_per_s, gsm8k_items_per_s, batch_tokens,
+seconds.
+
+Memory: before the model is loaded, letter scoring (the weights and a batch of prompts, sized by tokens:
+chat_eval.batch_tokens, 0 = from the memory model) and GSM8K's generation (the weights, a KV cache for the
+whole context, the prefill) are checked against the card (daychat.plan.preflight).
 """
 
 from __future__ import annotations
@@ -19,14 +24,19 @@ import time
 from pathlib import Path
 
 from daychat.cli import progress, run, status
-from daychat.eval.chat import TASKS, evaluate, label, load_tasks, resolve, select
+from daychat.chat.format import render_prompt
+from daychat.eval.chat import TASKS, choice_conversation, evaluate, label, load_tasks, resolve, select
 from daychat.io import atomic_dir, write_json, write_metrics
 from daychat.params import load_section
+from daychat.plan.memory import generation_phase, model_bytes
+from daychat.plan.preflight import check_phase, scoring_batch, summary
 from daychat.tokenizer import Tokenizer
-from daychat.train.checkpoint import TOKENIZER_DIR, load_model_folder
-from daychat.train.metrics import pick_device
+from daychat.train.checkpoint import TOKENIZER_DIR, load_model_folder, read_model_config
+from daychat.train.metrics import device_name, pick_device
 
 NAME = "chat_eval"
+# Vocabulary columns a letter-scoring batch reads at most: the union of its items' labels (A-J, 1-4).
+LABEL_COLUMNS = 16
 
 
 def main() -> None:
@@ -38,8 +48,9 @@ def main() -> None:
                    timeout_s=p.timeout_s)
     tasks = load_tasks(root, p.tasks)
     name = label(p.source, p.max_items, p.tasks)
-    model, _meta = load_model_folder(args.model, device)
     tokenizer = Tokenizer.load(Path(args.model) / TOKENIZER_DIR)
+    batch_tokens = preflight_memory(p, read_model_config(args.model), tasks, tokenizer, device)  # before loading
+    model, _meta = load_model_folder(args.model, device)
     generate = None
     if any(t.kind == "generate" for t in tasks):
         from daychat.chat.engine import Engine  # only GSM8K needs it
@@ -58,7 +69,7 @@ def main() -> None:
 
     with bar:
         result = evaluate(tasks, model=model, tokenizer=tokenizer, generate=generate, max_items=p.max_items,
-                          seed=p.seed, device=device, batch_size=p.batch_size,
+                          seed=p.seed, device=device, batch_tokens=batch_tokens,
                           max_seq_len=model.config.sequence_len, max_new_tokens=p.max_new_tokens,
                           temperature=p.temperature, top_k=p.top_k, tick=bar.update, on_task=row)
     status(NAME, f"{name}: {result['chatcore']:.4f}")
@@ -83,8 +94,33 @@ def main() -> None:
         metrics["choice_items_per_s"] = sum(r["n"] for r in choice) / max(sum(r["seconds"] for r in choice), 1e-9)
     if "gsm8k" in result["tasks"]:
         metrics["gsm8k_items_per_s"] = result["tasks"]["gsm8k"]["items_per_s"]
-    metrics.update(items=sum(r["n"] for r in result["tasks"].values()), seconds=time.perf_counter() - t0)
+    metrics.update(items=sum(r["n"] for r in result["tasks"].values()), batch_tokens=batch_tokens,
+                   seconds=time.perf_counter() - t0)
     write_metrics(args.metrics, metrics)
+
+
+def preflight_memory(p, config, tasks, tokenizer, device) -> int:
+    """Check the letter-scoring and generation phases against the card before the model is loaded (one line
+    naming the knob if one cannot fit) and return the letter-scoring batch in tokens."""
+    card, static = device_name(device), model_bytes(config)
+    choice = [item for t in tasks if t.kind == "choice" for item in select(t.items, p.max_items, p.seed)]
+    longest = max((len(render_prompt(choice_conversation(item), tokenizer)) for item in choice), default=1)
+    tokens, phase = scoring_batch(NAME, "letter scoring", config, device, memory_gib=p.memory_gib,
+                                  margin=p.memory_margin, card=card, static=static,
+                                  longest=min(longest, config.sequence_len), batch_tokens=p.batch_tokens,
+                                  columns=LABEL_COLUMNS, knob="chat_eval.batch_tokens",
+                                  fix="the model alone is too large for this card: evaluate it on a larger card, "
+                                      "or set chat_eval.device: cpu")
+    phases = [phase]
+    if any(t.kind == "generate" for t in tasks):
+        precision = "bf16" if device.type == "cuda" else "fp32"
+        gen = generation_phase(config, config.sequence_len, static=static, precision=precision, device=device.type)
+        check_phase(NAME, gen, device, memory_gib=p.memory_gib, margin=p.memory_margin, card=card,
+                    fix="the model and its KV cache do not fit this card: set chat_eval.device: cpu, or drop "
+                        "gsm8k from chat_eval.tasks")
+        phases.append(gen)
+    status(NAME, summary(phases, device, memory_gib=p.memory_gib, card=card, section=NAME))
+    return tokens
 
 
 def parse_args() -> argparse.Namespace:

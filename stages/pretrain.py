@@ -35,13 +35,15 @@ from daychat.data.loader import PackedLoader
 from daychat.data.tokens import META, TokenShards
 from daychat.errors import UserError
 from daychat.eval.bundle import load_bundle, resolve
-from daychat.eval.core import evaluate_core, model_fn
+from daychat.eval.core import evaluate_core, longest_prompt_bound
 from daychat.io import sha256_file, write_metrics
 from daychat.model import GPT, GPTConfig
+from daychat.model.gpt import ROTARY_HEADROOM
 from daychat.model.fp8 import convert_to_fp8, fp8_supported
 from daychat.optim import build_optimizers
 from daychat.params import load_section
-from daychat.plan.preflight import preflight
+from daychat.plan.memory import in_training_static, scoring_phase, training_phases
+from daychat.plan.preflight import check_phase, preflight, scoring_batch, summary
 from daychat.tokenizer import Tokenizer
 from daychat.train import distributed
 from daychat.train.checkpoint import Checkpointer, run_fingerprint, write_model_folder
@@ -78,7 +80,8 @@ def main() -> None:
     config = GPTConfig(vocab_size=tok.vocab_size, sequence_len=plan.max_seq_len, depth=p.depth,
                        aspect_ratio=p.aspect_ratio, head_dim=p.head_dim, n_kv_head=p.n_kv_head or None,
                        window_pattern=p.window_pattern, short_window=p.short_window, softcap=p.softcap)
-    preflight_memory(p, config, plan, device)  # before anything is allocated on the device
+    core_tasks = load_bundle(resolve(p.core_source, args.eval_cache, path=p.core_path)) if p.core_source else []
+    core_tokens = preflight_memory(p, config, plan, device, core_tasks)  # before anything is allocated on the device
     with torch.device("meta"):  # shapes only; the weights are allocated once, on the device
         model = GPT(config)
     model.to_empty(device=device)
@@ -102,7 +105,6 @@ def main() -> None:
     autocast = autocast_for(device, p.precision)
     token_bytes = torch.tensor(tok.token_bytes(), device=device)
 
-    core_tasks = load_bundle(resolve(p.core_source, args.eval_cache, path=p.core_path)) if p.core_source else []
     evaluations = 0
 
     def evaluate(forward: torch.nn.Module) -> dict[str, float]:
@@ -111,10 +113,11 @@ def main() -> None:
         results = {"val/bpb": evaluate_bpb(forward, batches, token_bytes, autocast)}
         if core_tasks and evaluations % p.core_every == 0:
             # The plain model, not the compiled one: CORE's batches come in every shape, and each new
-            # shape would recompile it.
+            # shape would recompile it. Scored as core_eval scores it: uncropped, bf16 (no FP8 without grad),
+            # in token-budgeted batches sized by the preflight beside the optimizer state.
             model.eval()
-            proxy = evaluate_core(model_fn(model), tok, core_tasks, p.core_max_per_task, device,
-                                  max_seq_len=plan.max_seq_len)
+            proxy = evaluate_core(model, tok, core_tasks, p.core_max_per_task, device, core_tokens,
+                                  max_seq_len=model.max_positions)
             model.train()
             results["core/proxy"] = proxy["core"]
         evaluations += 1
@@ -216,12 +219,36 @@ def data_parallel(p) -> distributed.Distributed | None:
     return distributed.setup(NAME, p.gpus, p.device, __file__)
 
 
-def preflight_memory(p, config: GPTConfig, plan, device: torch.device) -> None:
-    """Stop in one line if the estimated peak (longest seq_len, device_batch rows) exceeds the card."""
+def preflight_memory(p, config: GPTConfig, plan, device: torch.device, core_tasks) -> int:
+    """Stop in one line if a phase of the run does not fit the card, before anything is allocated: the
+    training step (longest seq_len, device_batch rows) and the optimizer step, then what each evaluation
+    holds beside the optimizer state: val bpb (device_batch rows) and the CORE proxy (its longest prompt,
+    uncropped). Returns the CORE proxy's scoring batch in tokens."""
+    card, ema = device_name(device), p.ema_halflife_tokens > 0
     preflight(NAME, config, plan.device_batch, plan.max_seq_len, device, memory_gib=p.memory_gib,
-              margin=p.memory_margin, card=device_name(device), say=lambda line: status(NAME, line),
+              margin=p.memory_margin, card=card, say=lambda line: status(NAME, line),
               precision=p.precision, compile=p.compile, activation_checkpointing=p.activation_checkpointing,
-              total_batch=plan.total_batch, ema=p.ema_halflife_tokens > 0)
+              total_batch=plan.total_batch, ema=ema)
+    dev = device.type
+    phases = training_phases(config, plan.device_batch, plan.max_seq_len, precision=p.precision, compile=p.compile,
+                             activation_checkpointing=p.activation_checkpointing, device=dev, ema=ema)
+    static = in_training_static(config, ema)
+    val = scoring_phase("val bpb", config, plan.device_batch * plan.max_seq_len, static=static,
+                        precision=p.precision, device=dev, shape=f"{plan.device_batch} x {plan.max_seq_len}")
+    check_phase(NAME, val, device, memory_gib=p.memory_gib, margin=p.memory_margin, card=card,
+                fix="set pretrain.device_batch lower (val bpb scores device_batch rows at a time)")
+    phases.append(val)
+    core_tokens = 0
+    if core_tasks:
+        longest = min(longest_prompt_bound(core_tasks, p.core_max_per_task), ROTARY_HEADROOM * config.sequence_len)
+        core_tokens, core = scoring_batch(NAME, "CORE proxy", config, device, memory_gib=p.memory_gib,
+                                          margin=p.memory_margin, card=card, static=static, longest=longest,
+                                          precision=p.precision,
+                                          fix="set pretrain.core_source to \"\" (no CORE proxy during training) "
+                                              "or lower pretrain.depth")
+        phases.append(core)
+    status(NAME, summary(phases, device, memory_gib=p.memory_gib, card=card, section=NAME))
+    return core_tokens
 
 
 def parse_args() -> argparse.Namespace:

@@ -39,7 +39,8 @@ from daychat.errors import UserError
 from daychat.io import sha256_file, write_metrics
 from daychat.optim import build_optimizers
 from daychat.params import load_section
-from daychat.plan.preflight import preflight
+from daychat.plan.memory import in_training_static, scoring_phase, training_phases
+from daychat.plan.preflight import check_phase, preflight, summary
 from daychat.sft.batches import SftBatches, build_mixture, evaluate_loss, val_batches
 from daychat.sft.sources import parse_sources
 from daychat.tokenizer import Tokenizer
@@ -187,11 +188,21 @@ def main() -> None:
 
 
 def preflight_memory(p, config, device: torch.device) -> None:
-    """Stop in one line if the estimated peak (sft.device_batch rows of sft.seq_len on the base model's
-    shapes) exceeds the card; only sft.device_batch / seq_len are offered as knobs (the model is the base's)."""
+    """Stop in one line if a phase does not fit the card: the training step (sft.device_batch rows of
+    sft.seq_len on the base model's shapes), the optimizer step, and the validation loss (device_batch
+    rows beside the optimizer state). Only sft.device_batch / seq_len are offered as knobs (the model is the
+    base's)."""
+    card = device_name(device)
     preflight(NAME, config, p.device_batch, p.seq_len, device, memory_gib=p.memory_gib, margin=p.memory_margin,
-              card=device_name(device), say=lambda line: status(NAME, line), precision=p.precision,
+              card=card, say=lambda line: status(NAME, line), precision=p.precision,
               compile=p.compile, total_batch=p.total_batch, tunes_model=False)
+    phases = training_phases(config, p.device_batch, p.seq_len, precision=p.precision, compile=p.compile,
+                             device=device.type)
+    val = scoring_phase("val loss", config, p.device_batch * p.seq_len, static=in_training_static(config),
+                        precision=p.precision, device=device.type, shape=f"{p.device_batch} x {p.seq_len}")
+    check_phase(NAME, val, device, memory_gib=p.memory_gib, margin=p.memory_margin, card=card,
+                fix="set sft.device_batch lower (the validation loss scores device_batch rows at a time)")
+    status(NAME, summary([*phases, val], device, memory_gib=p.memory_gib, card=card, section=NAME))
 
 
 def parse_args() -> argparse.Namespace:

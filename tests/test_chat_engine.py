@@ -73,7 +73,7 @@ def test_cache_refuses_positions_beyond_the_context(tok):
     cache = KVCache(model.config.sequence_len)
     with torch.no_grad():
         model(torch.zeros(1, 40, dtype=torch.long), kv_cache=cache)
-        with pytest.raises(ValueError, match="sequence_len"):
+        with pytest.raises(ValueError, match="KV cache full"):
             model(torch.zeros(1, 9, dtype=torch.long), kv_cache=cache)
 
 
@@ -259,3 +259,4 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
             assert cli([*args, "-p", "hi"]) == 2
             err = capsys.readouterr().err
             assert err.startswith("error: [chat]") and len(err.splitlines()) == 1, err
+

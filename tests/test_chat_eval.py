@@ -73,14 +73,14 @@ def test_letter_argmax_is_taken_at_the_first_assistant_position_over_the_items_l
     # after <|assistant_start|>: C best, then B, then the digit 3; at padding (BOS) "A" dominates, so
     # reading the logits at a padded position would answer A everywhere
     model = StubModel(tok, {"C": 5.0, "B": 3.0, "3": 1.0}, {"A": 50.0})
-    results = chat.score_choices(model, tok, items, batch_size=8)
+    results = chat.score_choices(model, tok, items, batch_tokens=4096)
     assert len(model.calls) == 1 and model.calls[0][0] == 4  # one padded batch
     assert [r["pred"] for r in results] == ["C", "B", "3", "C"]  # B: C is not one of item b's 2 labels
     assert [r["gold"] for r in results] == ["C", "A", "3", "C"]
     assert [r["correct"] for r in results] == [True, False, True, True]
     assert [r["n_choices"] for r in results] == [4, 2, 4, 4]
     # batching changes nothing; ties go to the first label
-    assert chat.score_choices(model, tok, items, batch_size=1) == results
+    assert chat.score_choices(model, tok, items, batch_tokens=1) == results
     flat = StubModel(tok, {}, {})
     assert [r["pred"] for r in chat.score_choices(flat, tok, items)] == ["A", "A", "1", "A"]
 
@@ -345,3 +345,39 @@ def test_stage_missing_data_is_one_error_line(workspace, tmp_path, monkeypatch, 
     assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: [chat_eval]") and "nowhere" in lines[0]
+
+
+def test_letter_scoring_reads_only_the_label_columns_and_agrees_with_full_logits(tok, one_thread):
+    """On a real GPT: the letters' logits at the answer position, from the label columns only
+    (GPT.head_columns) and in token-budgeted batches, equal the full forward's."""
+    from daychat.eval.scoring import logits_at
+    from daychat.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=256, depth=2, aspect_ratio=32, head_dim=16))
+    model.init_weights()
+    with torch.no_grad():  # attention that reads the prompt, and visible preferences between letters
+        for block in model.blocks:
+            block.attn.c_proj.weight.normal_(0, 0.5)
+            block.mlp.c_proj.weight.normal_(0, 0.5)
+        model.lm_head.weight.normal_(0, 0.5)
+    model.eval()
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "rock", "sea", "sky", "ice"]
+    items = [chat.mmlu_item({"question": f"which {words[i]} is it?" + " more" * i,
+                             "choices": [words[(i + k) % 12] for k in range(4)], "answer": i % 4, "subject": ""}, i)
+             for i in range(12)]
+    letters = chat.label_ids(tok, "ABCD")
+    prompts = [chat.render_prompt(chat.choice_conversation(item), tok) for item in items]
+    expected, full = [], []
+    for ids in prompts:
+        with torch.no_grad():
+            full.append(model(torch.tensor([ids]))[0, -1, letters])
+        expected.append("ABCD"[int(full[-1].argmax())])
+    # the label columns at the answer positions of a padded batch: the full forward's values
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([p + [tok.bos_id] * (width - len(p)) for p in prompts])
+    at = logits_at(model, ids, (torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])),
+                   torch.tensor(letters))
+    torch.testing.assert_close(at, torch.stack(full), rtol=1e-5, atol=1e-5)
+    for budget in (1, 200, 10 ** 6):
+        assert [r["pred"] for r in chat.score_choices(model, tok, items, batch_tokens=budget)] == expected

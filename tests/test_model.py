@@ -253,8 +253,10 @@ def test_loss_reductions_and_ignore_index():
     torch.testing.assert_close(model(idx, tgt, loss_reduction="sum"), per_token.sum())
     with pytest.raises(ValueError, match="loss_reduction"):
         model(idx, tgt, loss_reduction="avg")
-    with pytest.raises(ValueError, match="sequence_len"):
-        model(torch.randint(0, 64, (1, 33)))
+    # past sequence_len (as the reference's CORE prompts go) up to the rotary table's 10x, not beyond
+    assert model(torch.randint(0, 64, (1, 33))).shape == (1, 33, 64)
+    with pytest.raises(ValueError, match="rotary table"):
+        model(torch.randint(0, 64, (1, model.max_positions + 1)))
 
 
 def test_deterministic_init_and_meta_construction():
@@ -323,3 +325,45 @@ def test_import_does_not_initialise_cuda():
             "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_evaluation_never_takes_the_recompiling_flex_kernel():
+    """Training on CUDA uses FlexAttention for window layers; evaluation (no grad: CORE, chat_eval,
+    generation, whose batch shapes change at every call) takes the dense-mask SDPA path, so a compiled
+    flex kernel is never recompiled per shape. The CPU always takes the dense path."""
+    from daychat.model.gpt import window_kernel_for
+
+    assert window_kernel_for("auto", "cuda", grad_enabled=True) == "flex"
+    assert window_kernel_for("auto", "cuda", grad_enabled=False) == "dense"
+    assert window_kernel_for("auto", "cpu", grad_enabled=True) == "dense"
+    assert window_kernel_for("flex", "cpu", grad_enabled=False) == "flex"  # an explicit choice is kept
+
+
+def test_masked_attention_with_gqa_equals_repeated_heads():
+    """The explicit-mask path (window layers in evaluation, a KV-cache prefill) with grouped kv heads gives
+    what SDPA gives with the kv heads repeated (on CUDA it repeats them itself, to keep the memory-efficient
+    kernel)."""
+    from daychat.model.gpt import masked_attention, sliding_window_dense_mask
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 16, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    mask = sliding_window_dense_mask(16, 5, torch.device("cpu"))
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+    torch.testing.assert_close(masked_attention(q, k, v, mask), expected)
+
+
+def test_head_and_hidden_are_the_forward_split_in_two():
+    """forward = head(hidden(ids)), in training (grad) and in evaluation (no grad: the softcap in place),
+    bit for bit; head_columns equals head's columns."""
+    model = build(tiny())
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.c_proj.weight.normal_(0, 0.02)
+    idx = torch.randint(0, 64, (2, 16))
+    logits = model(idx)
+    assert torch.equal(model.head(model.hidden(idx)), logits)
+    with torch.no_grad():
+        assert torch.equal(model.head(model.hidden(idx)), logits)
+        cols = torch.tensor([3, 7, 11])
+        h = model.hidden(idx)[:, -1]
+        torch.testing.assert_close(model.head_columns(h, cols), model.head(h)[:, cols])

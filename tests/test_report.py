@@ -89,7 +89,8 @@ def test_curves_and_core_subset_render(tmp_path):
         write_json(metrics / f"{stage}.json", data)
     write_json(metrics / "pretrain.json", {"val_bpb": 2.0, "flops": 1e13, "wall_s": 90.0, "tok_per_s": 8000.0})
     write_json(metrics / "core.json", {"core_subset": 0.12, "acc_hellaswag": 0.3, "centered_hellaswag": 0.07,
-                                       "acc_arc_easy": 0.5, "centered_arc_easy": 0.33, "seconds": 60.0})
+                                       "acc_arc_easy": 0.5, "centered_arc_easy": 0.33, "seconds": 60.0,
+                                       "cropped": 0, "longest_tokens": 2417})
     write_json(tmp_path / "core" / "tasks.json", {"hellaswag": {"acc": 0.3, "shots": 10, "examples": 500},
                                                   "arc_easy": {"acc": 0.5, "shots": 10, "examples": 300}})
     write_curves(tmp_path / "curves")
@@ -104,10 +105,18 @@ def test_curves_and_core_subset_render(tmp_path):
     assert summary["plots"] == 5 and summary["core"] == 0.12
     text = md.read_text()
     assert "CORE on a subset of the tasks: 0.12" in text
+    assert "Every prompt scored uncropped, as the reference scores them (the longest: 2,417 tokens)" in text
     assert "| hellaswag | 0.3 | 0.07 | 500 | 10 |" in text  # tasks.json's details beside the scores
     assert "**core_eval**" not in text.split("## Missing stages")[1]
     budget = text.split("## Time and compute budget")[1].split("##")[0]
     assert "| pretrain | 1.5 min | 0.10% | 1.000e+13 |" in budget
+
+
+def test_a_cropped_core_score_says_so_beside_the_score():
+    from daychat.report import core_crop_note
+
+    assert "3 items had prompts longer than the model can read" in core_crop_note({"cropped": 3, "longest_tokens": 9})
+    assert "not recorded" in core_crop_note({})
 
 
 def git(repo: Path, *args: str) -> None:

@@ -339,8 +339,37 @@ def test_checkpointer_keeps_the_last_k_and_ignores_unfinished_files(tmp_path):
     assert [p.name for p in checkpointer.all()] == ["step_000010.pt", "step_000015.pt"]
     assert checkpointer.load()["x"].item() == 15
     (tmp_path / "step_000015.pt").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="step_000015.pt cannot be read"):
+    with pytest.raises(UserError, match="step_000015.pt is damaged .*delete that file to resume from the checkpoint before it"):
         checkpointer.load()
+
+
+@pytest.mark.parametrize("error, says", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory while loading it"),
+    (MemoryError(), "out of memory while loading it"),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "the GPU failed while loading it"),
+])
+def test_resume_never_calls_a_checkpoint_damaged_for_an_error_that_is_not_the_files(tmp_path, monkeypatch, error, says):
+    """An out-of-memory or a CUDA error while resuming is said as such, and nobody is told to delete a day of
+    checkpoints for it; a file that loads but belongs to another model is 'does not match', not damaged."""
+    model = tiny_gpt()
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=2)
+    trainer = Trainer(model, sgd(model), RandomBatches(), Schedule(Horizon("tokens", tokens=64), curriculum=((0.0, 8),)),
+                      plan_batch(16, 2, [8]), checkpoints=CheckpointPolicy(checkpointer))
+    trainer.save()
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "load", fail)
+    with pytest.raises(UserError, match=says) as e:
+        trainer.resume()
+    assert "not damaged" in str(e.value) and "delete" not in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.undo()
+    other = tiny_gpt(depth=3)  # another model's run: same folder, other shapes
+    stranger = Trainer(other, sgd(other), RandomBatches(), trainer.schedule, trainer.plan,
+                       checkpoints=CheckpointPolicy(checkpointer))
+    with pytest.raises(UserError, match=r"does not match this run .*it is not damaged.*move .*ckpt aside to start over"):
+        stranger.resume()
 
 
 def test_bits_per_byte_leaves_out_special_and_ignored_tokens():

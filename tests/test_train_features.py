@@ -124,6 +124,34 @@ def test_fp8_linear_forward_and_backward_match_fp32_within_fp8_tolerance(tokens)
         assert fp8(x8).dtype == torch.bfloat16  # bf16 out under autocast, like the plain linear
 
 
+def test_fp8_backward_compiles_when_tokens_are_not_a_multiple_of_16(one_thread):
+    """Under torch.compile the weight gradient's row padding used to fail ("Promotion for Float8 Types is
+    not supported") whenever the token count was not a multiple of 16: the padding is now done on the bytes.
+    The compiled backward gives the eager one's gradients."""
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 48, bias=False)
+    fp8 = FP8Linear.from_linear(linear)
+    x = torch.randn(2, 9, 32)  # 18 tokens
+    grads = []
+    for fn in (lambda t: fp8(t).square().sum(), torch.compile(lambda t: fp8(t).square().sum())):
+        linear.weight.grad = None
+        fn(x.clone().requires_grad_()).backward()
+        grads.append(linear.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-3)
+
+
+def test_fp8_linears_evaluate_in_plain_precision():
+    """No grad (val bpb, the CORE proxy, generation): the block linears run the ordinary matmul, so metrics
+    measured during an FP8 run compare with core_eval's on the saved model."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 64, bias=False)
+    fp8 = FP8Linear.from_linear(linear)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(fp8(x), linear(x))
+    assert not torch.equal(fp8(x), linear(x))  # with grad: the FP8 matmul (rounded)
+
+
 def test_fp8_conversion_keeps_parameters_and_refuses_unaligned_shapes():
     model = tiny_gpt()
     before = dict(model.named_parameters())
@@ -246,3 +274,12 @@ def test_gpus_must_split_the_micro_batches_of_a_step():
     with pytest.raises(ParamsError, match=r"pretrain.gpus \(3\) must divide the micro-batches of a step: .* = 4;"):
         parse_section("pretrain", dict(gpus=3, total_batch=4096, device_batch=2, seq_len=[[0.0, 512]]))
     assert parse_section("pretrain", dict(gpus=4, total_batch=4096, device_batch=2, seq_len=[[0.0, 512]])).gpus == 4
+
+
+def test_gradient_buckets_keep_order_and_size():
+    from daychat.train.distributed import buckets
+
+    ts = [torch.zeros(n) for n in (10, 20, 300, 5, 5)]
+    groups = buckets(ts, max_bytes=4 * 40)  # 40 floats a bucket
+    assert [[t.numel() for t in g] for g in groups] == [[10, 20], [300], [5, 5]]
+    assert [t for g in groups for t in g] == ts  # the same tensors, in order

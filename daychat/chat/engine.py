@@ -36,8 +36,13 @@ from daychat.model.gpt import KVCache
 
 
 class Engine:
-    """Generation for one model and its tokenizer (batch of one). The model may be a GPT or anything with
-    `config.sequence_len`, parameters and `forward(idx, kv_cache=cache) -> logits (B, T, V)`."""
+    """Generation for one model and its tokenizer (batch of one). The model may be a GPT (its `hidden` and
+    `head`, so that only the last position's logits are made) or anything with `config.sequence_len`,
+    parameters and `forward(idx, kv_cache=cache) -> logits (B, T, V)`.
+
+    Memory (daychat.plan.memory.generation_bytes): the cache, (layers x 2 x Hkv x sequence_len x D) in the
+    activations' dtype, allocated at the first forward; the prefill's trunk activations for the prompt;
+    one row of logits."""
 
     def __init__(self, model: torch.nn.Module, tokenizer):
         self.model = model.eval()
@@ -105,6 +110,9 @@ class Engine:
         """Feed `ids` (positions cache.pos ..) through the cache -> fp32 logits of the next token (V,)."""
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
         with torch.inference_mode(), self._autocast():
+            if hasattr(self.model, "hidden"):
+                # the head at the last position only: a 2k-token prompt never holds (T, V) fp32 logits
+                return self.model.head(self.model.hidden(idx, kv_cache=cache)[0, -1:])[0].float()
             return self.model(idx, kv_cache=cache)[0, -1].float()
 
     def _autocast(self):

@@ -24,9 +24,7 @@ The whole position (epoch, cursor, the buffered documents, counters) is `state_d
 holds it and `load_state_dict` makes the loader produce exactly the batches it would have produced.
 
 On CUDA a batch goes through pinned (page-locked) host memory and is copied to the device with
-`non_blocking=True`, so the copy overlaps the GPU's work on the previous step. Two pinned slots
-alternate; before a slot is refilled, the event recorded after its last copy is waited on, so the
-host never overwrites memory a copy is still reading.
+`non_blocking=True`, so the copy overlaps the GPU's work on the previous step (daychat.data.staging).
 """
 
 from __future__ import annotations
@@ -37,6 +35,7 @@ import math
 import numpy as np
 import torch
 
+from daychat.data.staging import PinnedStaging
 from daychat.data.tokens import TokenShards
 from daychat.errors import UserError
 
@@ -73,8 +72,7 @@ class PackedLoader:
             raise UserError(f"{shards.folder} holds no documents in this split; rerun the pretokenize stage")
         self.tokens_per_epoch = int(self._length.sum())
         self._reset()
-        self._slots: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []  # pinned staging, CUDA only
-        self._slot = 0
+        self._staging = PinnedStaging(self.device)  # pinned, overlapped copies on CUDA
 
     def _reset(self) -> None:
         self.epoch = 0  # epochs completed before the current one
@@ -141,25 +139,8 @@ class PackedLoader:
 
     def next_batch(self, rows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (rows, seq_len) int64 on the loader's device."""
-        packed = torch.from_numpy(self.pack(rows, seq_len))
-        if self.device.type != "cuda":
-            return packed[:, :-1].contiguous().to(self.device), packed[:, 1:].contiguous().to(self.device)
-        staging, done = self._staging(rows, seq_len)
-        if done is not None:
-            done.synchronize()  # the copy that last read this slot has finished
-        staging[0].copy_(packed[:, :-1])
-        staging[1].copy_(packed[:, 1:])
-        batch = staging.to(self.device, non_blocking=True)  # (2, rows, seq_len): one transfer
-        if done is not None:
-            done.record()
-        return batch[0], batch[1]
-
-    def _staging(self, rows: int, seq_len: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        if not self._slots or self._slots[0][0].shape != (2, rows, seq_len):
-            self._slots = [(torch.empty((2, rows, seq_len), dtype=torch.int64, pin_memory=True),
-                            torch.cuda.Event()) for _ in range(2)]
-        self._slot = (self._slot + 1) % len(self._slots)
-        return self._slots[self._slot]
+        packed = self.pack(rows, seq_len)
+        return self._staging.to_device(packed[:, :-1], packed[:, 1:])
 
     # ------------------------------------------------------------------------------------------------
     # Measurements and state

@@ -57,6 +57,7 @@ import torch
 from daychat.chat.format import render_prompt
 from daychat.errors import UserError
 from daychat.eval.core import select_items
+from daychat.eval.scoring import logits_at
 from daychat.io import atomic_dir, sha256_file, write_json
 
 TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k")
@@ -82,7 +83,6 @@ URL_FILES = {
     "gsm8k": ("openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet", "gsm8k/test.jsonl"),
 }
 
-ModelFn = Callable[[torch.Tensor], torch.Tensor]  # ids (B, T) -> logits (B, T, V)
 
 
 class GenerateFn(Protocol):
@@ -440,37 +440,43 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def score_choices(model: ModelFn, tokenizer, items: Sequence[dict], *, device: str | torch.device = "cpu",
-                  batch_size: int = 32, max_seq_len: int | None = None,
+def score_choices(model: Any, tokenizer, items: Sequence[dict], *, device: str | torch.device = "cpu",
+                  batch_tokens: int = 8192, max_seq_len: int | None = None,
                   tick: Callable[[int], Any] | None = None) -> list[dict]:
     """Per item {"id", "gold", "pred", "correct", "n_choices", "cropped"}: the argmax over the item's letters
     of the logits at the first assistant position.
 
-    Prompts go through the model `batch_size` at a time, longest first, right-padded with BOS: a causal
-    model's logits at a position do not depend on what follows, so padding changes no answer. A prompt
-    longer than max_seq_len keeps its last max_seq_len tokens (the question's end, the choices and
-    <|assistant_start|>)."""
+    Prompts go through the model in batches of at most `batch_tokens` tokens (rows x padded width, longest
+    first; daychat.plan.memory sizes the budget for the card), right-padded with BOS: a causal model's
+    logits at a position do not depend on what follows, so padding changes no answer. Only the answer
+    position's logits of the batch's label tokens are computed (daychat.eval.scoring.logits_at), never a
+    whole vocabulary per position. A prompt longer than max_seq_len keeps its last max_seq_len tokens (the
+    question's end, the choices and <|assistant_start|>)."""
+    from daychat.eval.core import batches_by_tokens
+
     device = torch.device(device)
     prompts, cropped = [], []
     for item in items:
         ids = render_prompt(choice_conversation(item), tokenizer)  # ends with <|assistant_start|>
         cropped.append(bool(max_seq_len) and len(ids) > max_seq_len)
         prompts.append(ids[-max_seq_len:] if cropped[-1] else ids)
-    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
+    label_tokens = [label_ids(tokenizer, item["labels"]) for item in items]
     results: list[dict] = [{}] * len(items)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in batch)
+    for batch in batches_by_tokens([len(p) for p in prompts], batch_tokens):
+        width = len(prompts[batch[0]])
         ids = torch.full((len(batch), width), tokenizer.bos_id, dtype=torch.long)
         for row, i in enumerate(batch):
             ids[row, :len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.long)
+        columns = sorted({t for i in batch for t in label_tokens[i]})
+        where = {t: c for c, t in enumerate(columns)}
+        rows = torch.arange(len(batch), device=device)
         last = torch.tensor([len(prompts[i]) - 1 for i in batch], device=device)
         with _autocast(device):
-            logits = model(ids.to(device))  # (B, T, V)
-        at_answer = logits[torch.arange(len(batch), device=device), last].float().cpu()  # (B, V)
+            at_answer = logits_at(model, ids.to(device), (rows, last),
+                                  torch.tensor(columns, device=device)).float().cpu()  # (B, K)
         for row, i in enumerate(batch):
             labels = items[i]["labels"]
-            pred = int(at_answer[row, label_ids(tokenizer, labels)].argmax())  # the first label wins a tie
+            pred = int(at_answer[row, [where[t] for t in label_tokens[i]]].argmax())  # the first label wins a tie
             gold = items[i]["answer"]
             results[i] = {"id": items[i]["id"], "gold": labels[gold], "pred": labels[pred],
                           "correct": pred == gold, "n_choices": len(labels), "cropped": cropped[i]}
@@ -554,8 +560,8 @@ def summarize(task: str, results: Sequence[dict], seconds: float) -> dict[str, A
             "items_per_s": n / seconds if seconds > 0 else 0.0}
 
 
-def evaluate(tasks: Sequence[ChatTask], *, model: ModelFn, tokenizer, generate: GenerateFn | None,
-             max_items: int = 0, seed: int = 42, device: str | torch.device = "cpu", batch_size: int = 32,
+def evaluate(tasks: Sequence[ChatTask], *, model: Any, tokenizer, generate: GenerateFn | None,
+             max_items: int = 0, seed: int = 42, device: str | torch.device = "cpu", batch_tokens: int = 8192,
              max_seq_len: int | None = None, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
              tick: Callable[[int], Any] | None = None,
              on_task: Callable[[str, dict], Any] | None = None) -> dict[str, Any]:
@@ -565,7 +571,7 @@ def evaluate(tasks: Sequence[ChatTask], *, model: ModelFn, tokenizer, generate: 
         items = select(task.items, max_items, seed)
         t0 = time.perf_counter()
         if task.kind == "choice":
-            results = score_choices(model, tokenizer, items, device=device, batch_size=batch_size,
+            results = score_choices(model, tokenizer, items, device=device, batch_tokens=batch_tokens,
                                     max_seq_len=max_seq_len, tick=tick)
         else:
             if generate is None:

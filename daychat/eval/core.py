@@ -15,15 +15,22 @@ exactly the same way:
 - schema: one prompt per context option, shared continuation (the common token suffix); lowest mean
   loss wins;
 - language_modeling: correct only if the argmax at every continuation position is the next token;
-- ties go to the first option (`list.index(min(...))`).
+- ties go to the first option (`list.index(min(...))`);
+- long prompts are scored uncropped, as the reference scores them (nanochat's GPT over-allocates its rotary
+  table tenfold and has no `max_seq_len`, so its core_eval.py never crops): squad and boolq reach ~2.4k
+  tokens, past a 2,048-token training context. Only a sequence longer than the model's rotary table is
+  cropped (the reference's crop rule, `crop` below), and the result counts it as `cropped`.
 
-The model is any callable `(B, T) int64 ids -> (B, T, V) logits`, so tests can use a fake one. The
-tokenizer needs `encode(text) -> list[int]` (ordinary text, no special tokens) and `bos_id`.
+The model is daychat's GPT, scored through its `hidden`/`head` pair (daychat.eval.scoring), or any
+callable `(B, T) int64 ids -> (B, T, V) logits`, so tests can use a fake one. The tokenizer needs
+`encode(text) -> list[int]` (ordinary text, no special tokens) and `bos_id`.
 
-Speed: the sequences of many items go through the model together (right-padded with BOS: a causal model's
-losses before the padding do not depend on it, so batching changes no score), sorted by length to waste
-little on padding, under bf16 autocast on CUDA. The shared context of a multiple-choice item is still
-recomputed once per choice: the GPT has no KV-cache forward to share it through.
+Speed and memory: the sequences of many items go through the model together (right-padded with BOS: a
+causal model's losses before the padding do not depend on it, so batching changes no score), sorted by
+length to waste little on padding, under bf16 autocast on CUDA. A batch holds at most `batch_tokens`
+tokens (rows x padded width; daychat.plan.memory sizes it for the card) and the head runs only at the
+scored positions, a chunk at a time, so the memory of a batch does not grow with the number of items or
+choices. The shared context of a multiple-choice item is still recomputed once per choice.
 """
 
 from __future__ import annotations
@@ -36,15 +43,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from daychat.eval.scoring import DEFAULT_CHUNK_ROWS, losses_at
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337  # base_eval.py: shuffle each task's items once, so that max_per_task takes a fair sample
 FEWSHOT_SEED = 1234  # core_eval.py: few-shot examples for item idx come from random.Random(1234 + idx)
 DEFAULT_DELIMITER = " "  # base_eval.py: task.get('continuation_delimiter', ' ')
-
-ModelFn = Callable[[torch.Tensor], torch.Tensor]
-
 
 class TokenizerLike(Protocol):
     bos_id: int
@@ -192,17 +197,6 @@ def crop(item: Scorable, max_seq_len: int) -> Scorable:
 # Scoring
 
 
-@torch.no_grad()
-def forward_losses(model: ModelFn, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids -> per-token losses (B, T-1) and argmax predictions (B, T-1): column t is about
-    predicting token t+1 (the reference's `losses[:, t]`, without its NaN last column)."""
-    logits = model(ids)  # (B, T, V)
-    B, T, V = logits.shape
-    logits = logits[:, :-1].float()
-    losses = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none").view(B, T - 1)
-    return losses, logits.argmax(dim=-1)
-
-
 def _autocast(device: torch.device):
     # bf16 on CUDA, as pretraining runs; on CPU the model runs in fp32 (bf16 on CPU is slow and not needed)
     if device.type == "cuda":
@@ -210,50 +204,80 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def judge(item: Scorable, losses: Sequence[torch.Tensor], preds: Sequence[torch.Tensor],
-          inputs: Sequence[list[int]], task_type: str) -> bool:
-    """Whether the model got the item right, from its sequences' losses/predictions (CPU tensors)."""
+def judge(item: Scorable, span_losses: Sequence[torch.Tensor], span_preds: Sequence[torch.Tensor],
+          task_type: str) -> bool:
+    """Whether the model got the item right, from each of its sequences' losses / argmax predictions over
+    the scored span: position t of a span predicts token t+1, so the span [s, e) is read at [s-1, e-1)."""
     if task_type == "language_modeling":
         s, e = item.starts[0], item.ends[0]
-        # preds[t] predicts token t+1: the continuation [s, e) is predicted at positions [s-1, e-1)
-        return bool(torch.equal(preds[0][s - 1:e - 1], torch.tensor(inputs[0][s:e])))
-    means = [losses[i][s - 1:e - 1].mean().item() for i, (s, e) in enumerate(zip(item.starts, item.ends))]
+        return bool(torch.equal(span_preds[0], torch.tensor(item.tokens[0][s:e])))
+    means = [losses.mean().item() for losses in span_losses]
     means = [m if math.isfinite(m) else math.inf for m in means]
     return means.index(min(means)) == item.gold  # lowest mean loss wins; ties go to the first option
 
 
-def score_items(model: ModelFn, items: Sequence[Scorable], task_type: str, pad_id: int,
-                device: str | torch.device = "cpu", batch_size: int = 32) -> list[bool]:
-    """Correctness of each item, running up to `batch_size` sequences per forward (an item's sequences
-    always go together), longest items first so that a batch pads little."""
-    device = torch.device(device)
-    order = sorted(range(len(items)), key=lambda i: -max(len(t) for t in items[i].tokens))
-    correct: list[bool] = [False] * len(items)
-    batch: list[int] = []
-
-    def flush() -> None:
-        seqs = [t for i in batch for t in items[i].tokens]
-        width = max(len(t) for t in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # right-padded with BOS, as the reference
-        for row, t in enumerate(seqs):
-            ids[row, :len(t)] = torch.tensor(t, dtype=torch.long)
-        with _autocast(device):
-            losses, preds = forward_losses(model, ids.to(device))
-        losses, preds = losses.float().cpu(), preds.cpu()
-        row = 0
-        for i in batch:
-            k = len(items[i].tokens)
-            correct[i] = judge(items[i], losses[row:row + k], preds[row:row + k], items[i].tokens, task_type)
-            row += k
-        batch.clear()
-
+def batches_by_tokens(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into right-padded batches of at most `batch_tokens` tokens (rows x the
+    longest row), longest first so that a batch pads little. A sequence longer than the budget goes alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
     for i in order:
-        if batch and sum(len(items[j].tokens) for j in batch) + len(items[i].tokens) > batch_size:
-            flush()
-        batch.append(i)
-    if batch:
-        flush()
-    return correct
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def span_scores(model: Any, items: Sequence[Scorable], pad_id: int, device: str | torch.device = "cpu",
+                batch_tokens: int = 8192, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                predictions: bool = False) -> list[list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Per item, per sequence: (losses, argmax predictions or None) over its scored span, CPU tensors.
+
+    Every sequence of every item is one row; rows are batched by a token budget (`batch_tokens` = rows x
+    padded width per forward; daychat.plan.memory sizes it for a card), the trunk runs once per batch and
+    the head only at the scored positions, `chunk_rows` at a time (daychat.eval.scoring): memory is bounded
+    by the budget, not by how many items or choices there are. Rows are right-padded with BOS, as the
+    reference pads: a causal model's outputs before the padding do not depend on it, so batching changes
+    no score."""
+    device = torch.device(device)
+    seqs = [(i, k) for i, item in enumerate(items) for k in range(len(item.tokens))]
+    lengths = [len(items[i].tokens[k]) for i, k in seqs]
+    out: list[list] = [[None] * len(item.tokens) for item in items]
+    for batch in batches_by_tokens(lengths, batch_tokens):
+        width = lengths[batch[0]]
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        rows, cols = [], []
+        for row, j in enumerate(batch):
+            i, k = seqs[j]
+            tokens, s, e = items[i].tokens[k], items[i].starts[k], items[i].ends[k]
+            ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            rows += [row] * max(0, e - s)
+            cols += range(s - 1, e - 1)  # position t predicts token t+1
+        ids = ids.to(device)
+        targets = torch.roll(ids, shifts=-1, dims=1)  # targets[:, t] = ids[:, t+1] wherever t is scored
+        index = (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device))
+        with _autocast(device):
+            losses, preds = losses_at(model, ids, targets, index, chunk_rows=chunk_rows, predictions=predictions)
+        losses = losses.cpu()
+        preds = preds.cpu() if preds is not None else None
+        at = 0
+        for j in batch:
+            i, k = seqs[j]
+            n = max(0, items[i].ends[k] - items[i].starts[k])
+            out[i][k] = (losses[at:at + n], preds[at:at + n] if preds is not None else None)
+            at += n
+    return out
+
+
+def score_items(model: Any, items: Sequence[Scorable], task_type: str, pad_id: int,
+                device: str | torch.device = "cpu", batch_tokens: int = 8192,
+                chunk_rows: int = DEFAULT_CHUNK_ROWS) -> list[bool]:
+    """Correctness of each item (span_scores, then the task type's rule in `judge`)."""
+    scores = span_scores(model, items, pad_id, device, batch_tokens, chunk_rows,
+                         predictions=task_type == "language_modeling")
+    return [judge(item, [s[0] for s in per_seq], [s[1] for s in per_seq], task_type)
+            for item, per_seq in zip(items, scores)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -271,34 +295,53 @@ def core_metric(centered_by_task: dict[str, float]) -> float:
     return sum(centered_by_task.values()) / len(centered_by_task)
 
 
-def evaluate_task(model: ModelFn, tokenizer: TokenizerLike, task: Task, max_per_task: int = 0,
-                  device: str | torch.device = "cpu", batch_size: int = 32,
-                  max_seq_len: int | None = None) -> dict[str, Any]:
-    """Accuracy of one task: {accuracy, centered, n, shots, type, baseline, seconds}."""
-    t0 = time.perf_counter()
+def scorable_items(task: Task, tokenizer: TokenizerLike, max_per_task: int = 0,
+                   max_seq_len: int | None = None) -> list[Scorable]:
+    """A task's selected items rendered with their few-shot examples and tokenized (cropped to max_seq_len
+    only where a sequence is longer: see `crop`)."""
     items = select_items(task.items, max_per_task)
-    scorable = [tokenize_item(task.type, render_item(task, items, idx), tokenizer,
-                              items[idx].get("gold"), max_seq_len) for idx in range(len(items))]
-    correct = score_items(model, scorable, task.type, tokenizer.bos_id, device, batch_size)
+    return [tokenize_item(task.type, render_item(task, items, idx), tokenizer, items[idx].get("gold"), max_seq_len)
+            for idx in range(len(items))]
+
+
+def evaluate_task(model: Any, tokenizer: TokenizerLike, task: Task, max_per_task: int = 0,
+                  device: str | torch.device = "cpu", batch_tokens: int = 8192,
+                  max_seq_len: int | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict[str, Any]:
+    """Accuracy of one task: {accuracy, centered, n, shots, type, baseline, seconds, longest, cropped}.
+
+    max_seq_len: the longest sequence the model can read (a GPT's max_positions, ten times its training
+    context, as the reference's rotary table): prompts are scored uncropped up to it, as the reference
+    scores them. `cropped` counts the items that had to be cut (0 with the real bundle), `longest` is the
+    longest sequence's tokens."""
+    t0 = time.perf_counter()
+    full = scorable_items(task, tokenizer, max_per_task)
+    longest = max((len(t) for item in full for t in item.tokens), default=0)
+    cropped = sum(any(len(t) > max_seq_len for t in item.tokens) for item in full) if max_seq_len else 0
+    scorable = [crop(item, max_seq_len) for item in full] if cropped else full
+    correct = score_items(model, scorable, task.type, tokenizer.bos_id, device, batch_tokens, chunk_rows)
     accuracy = sum(correct) / len(correct) if correct else 0.0
-    return {"accuracy": accuracy, "centered": centered(accuracy, task.baseline), "n": len(items),
+    return {"accuracy": accuracy, "centered": centered(accuracy, task.baseline), "n": len(scorable),
             "shots": task.num_fewshot, "type": task.type, "baseline": task.baseline,
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "longest": longest, "cropped": cropped}
 
 
-def evaluate_core(model: ModelFn, tokenizer: TokenizerLike, tasks: Iterable[Task], max_per_task: int = 0,
-                  device: str | torch.device = "cpu", batch_size: int = 32, max_seq_len: int | None = None,
-                  on_task: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
-    """CORE over `tasks`: {core, tasks: {label: evaluate_task's dict}, examples, seconds, examples_per_s}.
+def evaluate_core(model: Any, tokenizer: TokenizerLike, tasks: Iterable[Task], max_per_task: int = 0,
+                  device: str | torch.device = "cpu", batch_tokens: int = 8192, max_seq_len: int | None = None,
+                  on_task: Callable[[str, dict], None] | None = None,
+                  chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict[str, Any]:
+    """CORE over `tasks`: {core, tasks: {label: evaluate_task's dict}, examples, seconds, examples_per_s,
+    cropped}.
 
+    `model`: a GPT (scored through its hidden/head pair, memory-bounded) or any callable ids -> logits.
     Usable mid-training as a proxy: pass a small max_per_task (the same items every time, since the
-    shuffle is seeded) and the training model (in eval mode; wrap it in a lambda if it needs arguments).
-    `on_task(label, result)` is called as each task finishes (a log line, a progress bar).
+    shuffle is seeded) and the training model in eval mode. `on_task(label, result)` is called as each
+    task finishes (a log line, a progress bar).
     """
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
     for task in tasks:
-        results[task.label] = evaluate_task(model, tokenizer, task, max_per_task, device, batch_size, max_seq_len)
+        results[task.label] = evaluate_task(model, tokenizer, task, max_per_task, device, batch_tokens, max_seq_len,
+                                            chunk_rows)
         if on_task:
             on_task(task.label, results[task.label])
     if not results:
@@ -306,9 +349,24 @@ def evaluate_core(model: ModelFn, tokenizer: TokenizerLike, tasks: Iterable[Task
     seconds = time.perf_counter() - t0
     examples = sum(r["n"] for r in results.values())
     return {"core": core_metric({label: r["centered"] for label, r in results.items()}), "tasks": results,
-            "examples": examples, "seconds": seconds, "examples_per_s": examples / seconds if seconds else 0.0}
+            "examples": examples, "seconds": seconds, "examples_per_s": examples / seconds if seconds else 0.0,
+            "cropped": sum(r["cropped"] for r in results.values())}
 
 
-def model_fn(model: torch.nn.Module) -> ModelFn:
-    """A GPT as the callable evaluate_core wants: ids (B, T) -> logits (B, T, V)."""
-    return lambda ids: model(ids)
+def longest_sequence(tasks: Iterable[Task], tokenizer: TokenizerLike, max_per_task: int = 0) -> dict[str, int]:
+    """Per task, the tokens of its longest scored sequence (few-shot prompt + continuation + BOS): what the
+    memory preflight and the rehearsal size the CORE phase by."""
+    return {task.label: max((len(t) for item in scorable_items(task, tokenizer, max_per_task) for t in item.tokens),
+                            default=0) for task in tasks}
+
+
+def longest_prompt_bound(tasks: Iterable[Task], max_per_task: int = 0) -> int:
+    """An upper bound on the tokens of the longest sequence the tasks will score, without tokenizing: its
+    UTF-8 bytes plus BOS (a byte-level BPE token covers at least one byte). The memory preflight sizes the
+    CORE phase by it before anything is allocated; `longest_sequence` gives the exact figure."""
+    longest = 0
+    for task in tasks:
+        items = select_items(task.items, max_per_task)
+        for idx in range(len(items)):
+            longest = max(longest, *(len(p.encode("utf-8")) + 1 for p in render_item(task, items, idx)))
+    return longest

@@ -57,13 +57,17 @@ def _column_major(t: torch.Tensor) -> torch.Tensor:
 
 
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:
-    """t (M, K) with zero rows appended up to a multiple of 16 (a plain copy: padding kernels may not take fp8)."""
+    """t (M, K) fp8 with zero rows appended up to a multiple of 16.
+
+    The padding is done on the bytes (a uint8 view; +0.0 is the all-zero byte in both e4m3fn and e5m2):
+    filling or copying into an fp8 tensor makes Inductor promote between fp8 and another dtype, which it
+    refuses under torch.compile ("Promotion for Float8 Types is not supported") whenever M is not a
+    multiple of 16."""
     pad = -t.size(0) % ALIGN
     if not pad:
         return t
-    out = t.new_zeros((t.size(0) + pad, t.size(1)))
-    out[:t.size(0)].copy_(t)
-    return out
+    raw = t.view(torch.uint8)
+    return torch.cat([raw, raw.new_zeros((pad, t.size(1)))]).view(t.dtype)
 
 
 class _FP8Matmul(torch.autograd.Function):
@@ -97,6 +101,10 @@ class FP8Linear(nn.Linear):
     """A bias-free nn.Linear whose matmul runs in FP8 (same parameters, same state_dict keys)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            # Evaluation (val bpb, the CORE proxy, generation) runs the plain bf16 matmul, so in-training
+            # metrics compare with core_eval's on the saved model, whose linears are ordinary ones.
+            return nn.functional.linear(x, self.weight)
         # Under autocast the surrounding ops are bf16, so is our output; otherwise x's own dtype.
         if torch.is_autocast_enabled(x.device.type):
             out_dtype = torch.get_autocast_dtype(x.device.type)

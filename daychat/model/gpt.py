@@ -46,6 +46,11 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 PAD_VOCAB_TO = 64
 # The value-embedding gate reads this many leading channels of the block input (nanochat: 32).
 VE_GATE_CHANNELS = 32
+# The rotary tables cover this many times config.sequence_len. Training never goes past sequence_len, but
+# evaluation may: the reference CORE evaluation (nanochat's core_eval.py) feeds few-shot prompts uncropped
+# (squad and boolq reach ~2.4k tokens) to a model whose rotary table it over-allocates by the same 10x.
+# The tables are derived data (not in checkpoints): 10 x 2048 positions x 64 frequencies x 2 is 10 MB.
+ROTARY_HEADROOM = 10
 
 
 @dataclass
@@ -146,8 +151,9 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 # Window layers on CUDA: FlexAttention with a sliding-window BlockMask. The mask is built once per
 # (T, window, device) and cached; blocks entirely outside the window are skipped by the kernel, so a
 # window of W costs ~W/T of a global layer, which is what estimate_flops counts.
-# Window layers on CPU: SDPA with an explicit boolean T x T mask. This path exists so tests can check
-# correctness on CPU; it costs a full global layer and is not meant to be fast.
+# Window layers on CPU, and in evaluation (no grad) on CUDA: SDPA with an explicit boolean T x T mask. It
+# costs a full global layer; on CPU it exists so tests can check correctness, on CUDA it spares evaluation's
+# ever-changing batch shapes a FlexAttention recompile each (see GPT._window_masks).
 
 
 def _sliding_window_mod(window: int):
@@ -163,12 +169,24 @@ def sliding_window_block_mask(T: int, window: int, device: torch.device) -> Bloc
     return create_block_mask(_sliding_window_mod(window), B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=8)  # evaluation meets many widths: a few T x T bool masks (<= 7 MB each at 2.6k) cached
 def sliding_window_dense_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
-    """The same mask as a dense (T, T) bool tensor, True = attend. CPU / reference path only."""
+    """The same mask as a dense (T, T) bool tensor, True = attend: the CPU path, and evaluation on CUDA."""
     i = torch.arange(T, device=device)
     diff = i[:, None] - i[None, :]  # (T, T): query index - key index
     return (diff >= 0) & (diff < window)
+
+
+def window_kernel_for(setting: str, device_type: str, grad_enabled: bool) -> str:
+    """The kernel for window layers: "flex" or "dense" as set, or for "auto": FlexAttention when training
+    on CUDA (compiled once per curriculum shape), dense-mask SDPA otherwise. Evaluation (no grad) sees a new
+    batch shape at almost every call (CORE, chat_eval, generation), and a compiled flex kernel recompiles
+    for each until it falls back to an unfused path that materialises the scores; the dense-mask path runs
+    SDPA's memory-efficient kernel on CUDA (never a T x T score matrix: masked_attention) at a full layer's
+    cost, which evaluation can afford."""
+    if setting != "auto":
+        return setting
+    return "flex" if device_type == "cuda" and grad_enabled else "dense"
 
 
 _compiled_flex = None
@@ -197,6 +215,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, BlockMask):
         return _flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return masked_attention(q, k, v, mask)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA with an explicit boolean mask (True = attend), broadcast over batch and heads.
+
+    On CUDA, with a mask, only SDPA's math backend is sure to take enable_gqa, and it materialises
+    (B, H, T, S) fp32 scores: 4.7 GB for 32 rows of 2048 at 9 heads. Repeating the kv heads instead (a
+    B x H x S x D copy, small) keeps the memory-efficient kernel, which never forms the scores."""
+    gqa = q.size(1) != k.size(1)
+    if gqa and q.is_cuda:
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+        gqa = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
@@ -252,12 +283,12 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int
         if window is not None:
             k, v = k[:, :, -window:], v[:, :, -window:]
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    diff = (torch.arange(pos, pos + T, device=q.device)[:, None]
-            - torch.arange(S, device=q.device)[None, :])  # (T, S): query position - key position
-    mask = diff >= 0
+    # (T, S) bool, built without an int64 (T, S) index grid: row t is query position p = pos + t, which sees
+    # key s when s <= p (tril at diagonal pos) and, in a window layer, s > p - window.
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril_(pos)
     if window is not None:
-        mask &= diff < window
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        mask &= ~torch.ones(T, S, dtype=torch.bool, device=q.device).tril_(pos - window)
+    return masked_attention(q, k, v, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,7 +383,7 @@ class GPT(nn.Module):
             self.resid_lambdas = self.x0_lambdas = None
         self._windows = config.layer_windows()
         # Rotary tables are derived data: not saved in checkpoints, recomputed by init_weights (after to_empty).
-        cos, sin = self._rotary_tables(config.sequence_len, device=self.wte.weight.device)
+        cos, sin = self._rotary_tables(self.max_positions, device=self.wte.weight.device)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -391,7 +422,13 @@ class GPT(nn.Module):
         if self.resid_lambdas is not None:
             self.resid_lambdas.fill_(1.0)  # plain residual at init
             self.x0_lambdas.fill_(0.1)  # a little of the embedding fed back into every layer
-        self.cos, self.sin = self._rotary_tables(self.config.sequence_len, device=self.wte.weight.device)
+        self.cos, self.sin = self._rotary_tables(self.max_positions, device=self.wte.weight.device)
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the model can read: its rotary table (ROTARY_HEADROOM x sequence_len).
+        Training uses sequence_len; evaluation may score longer prompts, as the reference does."""
+        return ROTARY_HEADROOM * self.config.sequence_len
 
     def _rotary_tables(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos, sin of shape (1, T, 1, D/2); frequencies base^(-2i/D) (RoFormer)."""
@@ -448,9 +485,7 @@ class GPT(nn.Module):
         """Per layer: None (global) or the mask object its kernel needs. Masks are cached per (T, window).
         Kept out of torch.compile graphs (Python-side caching): a compiled model sees one graph break here,
         and only when the pattern has S layers."""
-        kernel = self.window_kernel
-        if kernel == "auto":
-            kernel = "flex" if device.type == "cuda" else "dense"
+        kernel = window_kernel_for(self.window_kernel, device.type, torch.is_grad_enabled())
         build = sliding_window_block_mask if kernel == "flex" else sliding_window_dense_mask
         return [None if w is None or w >= T else build(T, w, device) for w in self._windows]
 
@@ -458,7 +493,8 @@ class GPT(nn.Module):
         """Token ids (B, T) -> residual stream after the last block, before the final norm: (B, T, C)."""
         B, T = idx.size()
         if T > self.cos.size(1):
-            raise ValueError(f"sequence of {T} tokens is longer than config.sequence_len={self.cos.size(1)}")
+            raise ValueError(f"sequence of {T} tokens is longer than the rotary table ({self.cos.size(1)} positions "
+                             f"= {ROTARY_HEADROOM} x config.sequence_len)")
         cos_sin = self.cos[:, :T], self.sin[:, :T]
         if any(w is not None for w in self._windows):
             masks = self._window_masks(T, idx.device)
@@ -484,7 +520,7 @@ class GPT(nn.Module):
         B, T = idx.size()
         pos = kv_cache.pos
         if pos + T > self.cos.size(1):
-            raise ValueError(f"position {pos + T} is beyond config.sequence_len={self.cos.size(1)}")
+            raise ValueError(f"position {pos + T} is beyond the rotary table ({self.cos.size(1)} positions)")
         cos_sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]  # rotary angles of the absolute positions
         x = norm(self.wte(idx))  # (B, T, C)
         x0 = x
@@ -496,6 +532,39 @@ class GPT(nn.Module):
         kv_cache.pos += T
         return x
 
+    def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> the normalised final hidden states (B, T, C) that the lm_head reads.
+
+        Evaluation runs this once and applies `head` to the positions it needs, a chunk at a time
+        (daychat.eval.scoring), so it never holds fp32 logits for a whole batch."""
+        return norm(self._trunk(idx) if kv_cache is None else self._trunk_cached(idx, kv_cache))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> fp32 softcapped logits (..., V), padding rows cropped.
+
+        Under no_grad (evaluation) the softcap runs in place on the fp32 copy: the same values, one fp32
+        buffer instead of three alive at once. With gradients it is out of place, as autograd needs."""
+        logits = self.lm_head(x)  # (..., V_padded); bf16 under autocast
+        logits = logits[..., :self.config.vocab_size].float()  # crop the padding; fp32 from here on
+        if self.config.softcap > 0:
+            c = self.config.softcap
+            if torch.is_grad_enabled():
+                logits = c * torch.tanh(logits / c)  # smoothly bounded to (-c, c)
+            else:  # a copy only where the crop left a view of an fp32 lm_head output (CPU, padded vocab)
+                logits = logits.contiguous()
+                logits.div_(c).tanh_().mul_(c)
+        return logits
+
+    def head_columns(self, x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Hidden states (N, C) -> fp32 softcapped logits of the given vocab `columns` only (N, len(columns)):
+        what letter scoring needs, without the other ~32k columns. Equal to head(x)[:, columns] up to the
+        float summation order of a smaller matmul."""
+        logits = F.linear(x, self.lm_head.weight[columns]).float()  # (N, K); bf16 matmul under autocast
+        if self.config.softcap > 0:
+            c = self.config.softcap
+            logits = c * torch.tanh(logits / c)
+        return logits
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_reduction: str = "mean", kv_cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) -> fp32 softcapped logits (B, T, V); with targets (B, T) -> cross-entropy loss.
@@ -503,19 +572,16 @@ class GPT(nn.Module):
         With a kv_cache (generation), idx holds only the tokens after the cached positions; see KVCache.
 
         Targets equal to -1 are ignored. loss_reduction: "mean" (scalar), "sum" (scalar) or "none" (B, T)
-        per-token losses (0 where ignored), which bits-per-byte needs.
+        per-token losses (0 where ignored), which bits-per-byte needs. This is the training path: it holds
+        the whole batch's fp32 logits, as the backward needs them; evaluation scores through `hidden` and
+        `head` in chunks instead (daychat.eval.scoring).
         """
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
         B, T = idx.size()
-        x = norm(self._trunk(idx) if kv_cache is None else self._trunk_cached(idx, kv_cache))
-        logits = self.lm_head(x)  # (B, T, V_padded); bf16 under autocast
-        logits = logits[..., :self.config.vocab_size].float()  # crop the padding; fp32 from here on
-        if self.config.softcap > 0:
-            c = self.config.softcap
-            logits = c * torch.tanh(logits / c)  # smoothly bounded to (-c, c)
+        logits = self.head(self.hidden(idx, kv_cache))  # (B, T, V) fp32
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
+        loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss

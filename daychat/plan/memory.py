@@ -205,6 +205,7 @@ def estimate_memory(config: GPTConfig, device_batch: int, seq_len: int, *, preci
     C, H, kvd = config.model_dim, config.n_head, config.kv_heads * config.head_dim
     p = param_counts(config)
     parts = static_bytes(config)
+    parts["rotary"] = rotary_bytes(config)
     if ema:
         parts["ema"] = FP32 * p["total"]
 
@@ -265,7 +266,8 @@ def estimate_memory(config: GPTConfig, device_batch: int, seq_len: int, *, preci
     else:
         parts["scratch"] = CPU_SCRATCH_BYTES
     detail = {"activation_bytes_per_token": act_per_token, "logit_bytes_per_token": logits / N,
-              "tokens": N, "backward_bytes": backward, "step_bytes": step}
+              "tokens": N, "backward_bytes": backward, "step_bytes": step, "weight_casts": weight_casts,
+              "activations": activations, "logits": logits, "accumulate": accumulate}
     return MemoryEstimate(breakdown={k: int(v) for k, v in parts.items()}, phase=phase, detail=detail)
 
 
@@ -278,6 +280,207 @@ def largest_fit(config: GPTConfig, seq_len: int, budget_bytes: float, *, max_bat
     if not fits(1):
         return 0
     lo, hi = 1, max_batch  # the peak grows with the batch: bisect for the last one that fits
+    if fits(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation and generation: no gradients, no saved activations. What a forward under torch.no_grad keeps
+# is the few tensors alive at once inside one block, plus what the phase holds for the whole pass (the model,
+# and during pretraining the optimizer state). Validated on CPU (fp32, eager) by bench/memory.py's scoring
+# configs and the rehearsal (daychat/plan/rehearse.py); the bf16 terms follow the same walk with autocast's
+# dtypes.
+
+# Measured on CPU (bench/memory.py, scoring configs): a no-grad forward's fixed overhead beyond its tensors
+# (oneDNN and SDPA scratch), ~2.6 MiB whatever the batch; counted as 4 MiB.
+CPU_INFERENCE_SCRATCH_BYTES = 4 * 2 ** 20
+# Positions the head scores at once when nothing else is asked (daychat.eval.scoring.DEFAULT_CHUNK_ROWS).
+HEAD_CHUNK_ROWS = 2048
+# A scoring batch larger than this many tokens buys no speed on any card here (a 64k-token forward of a
+# d17 is ~3 TFLOP of matmuls: tens of ms on a 4090), so the automatic budget stops there.
+MAX_SCORING_TOKENS = 65536
+
+
+def inference_bytes_per_token(config: GPTConfig, precision: str) -> int:
+    """Peak bytes per token of the trunk's forward under no_grad (eager), at its worst point: the MLP of a
+    value-embedding layer. Alive there (gpt.py, in order of allocation):
+
+      x            the block input, still held by the caller's loop variable             C
+      x'           x + attention, the block's own running sum                            C
+      x0           the normalised embedding, fed to every layer                          C
+      ve           the layer's looked-up value embedding (loop variable)                  kvd (VE layers)
+      h            norm(x'), the MLP input                                               C
+      fc, relu     c_fc's output and relu's, both alive while relu runs (then relu^2 replaces fc)   4C + 4C
+
+    fp32 (CPU): 4 bytes each = 4 (12 C + kvd); measured 13.65 C floats for MHA with value embeddings,
+    12.67 C without (bench/memory.py), the rest a fixed scratch. bf16 autocast (CUDA): the residual stream,
+    x0 and h stay fp32 (rms_norm runs in fp32), the value embedding is an fp32 lookup, the MLP's outputs
+    are bf16, and c_fc reads a bf16 copy of h: 4 (4 C + kvd) + 2 C + 2 (8 C). Attention's tensors (q, k,
+    v, the rotary copies, SDPA's output) are smaller than the MLP's for every shape here (H x D = C).
+    """
+    C, kvd = config.model_dim, config.kv_heads * config.head_dim
+    ve = kvd if config.value_embeds else 0
+    if precision == "fp32":
+        return FP32 * (12 * C + ve)
+    return FP32 * (4 * C + ve) + BF16 * C + BF16 * 8 * C
+
+
+def head_bytes_per_row(vocab_size: int, padded_vocab: int | None = None, precision: str = "bf16") -> int:
+    """Bytes per scored position while the head runs on a chunk (daychat.eval.scoring.losses_at): the fp32
+    softcapped logits (the softcap runs in place under no_grad, GPT.head) and cross-entropy's fp32
+    log-softmax, 8 V; under autocast the lm_head's bf16 output (2 Vp) is alive beside the fp32 copy before
+    that, which is less. On CPU the crop of a padded vocabulary copies: 4 (Vp - V) more. Measured 8.0-8.4 V
+    on CPU (bench/memory.py)."""
+    Vp = padded_vocab or vocab_size
+    extra = FP32 * (Vp - vocab_size) if precision == "fp32" else 0
+    return max(FP32 * 2 * vocab_size, BF16 * Vp + FP32 * vocab_size) + extra
+
+
+def weight_cast_bytes(config: GPTConfig, precision: str) -> int:
+    """bf16 copies of the matmul weights that autocast makes and caches for the length of an autocast
+    region (it caches casts of leaf tensors that require grad, which parameters do even under no_grad)."""
+    return BF16 * param_counts(config)["matmul"] if precision == "bf16" else 0
+
+
+def scoring_bytes(config: GPTConfig, tokens: int, *, precision: str, scored: int | None = None,
+                  columns: int | None = None, head_rows: int = HEAD_CHUNK_ROWS) -> int:
+    """Transient bytes of scoring one batch of `tokens` tokens (rows x padded width) through
+    daychat.eval.scoring: the trunk's peak, or afterwards the kept final hidden states (fp32 C a token), a
+    gathered copy of the `scored` positions' rows (None: every position, read in place: val bpb) and one
+    head chunk of at most `head_rows` of them, over the whole vocabulary or only `columns` of it (letter
+    scoring); whichever is larger."""
+    C = config.model_dim
+    trunk = inference_bytes_per_token(config, precision) * tokens
+    n = tokens if scored is None else scored
+    gathered = 0 if scored is None else FP32 * C * scored
+    per_row = (head_bytes_per_row(config.vocab_size, config.padded_vocab_size, precision) if columns is None
+               else 2 * FP32 * columns)
+    head = per_row * min(head_rows, max(n, 1))
+    return max(trunk, FP32 * C * tokens + gathered + head)
+
+
+def rotary_bytes(config: GPTConfig) -> int:
+    """The rotary tables, cos and sin fp32 for ROTARY_HEADROOM x sequence_len positions (gpt.py)."""
+    from daychat.model.gpt import ROTARY_HEADROOM
+
+    return 2 * FP32 * ROTARY_HEADROOM * config.sequence_len * (config.head_dim // 2)
+
+
+def kv_cache_bytes(config: GPTConfig, max_len: int, precision: str, rows: int = 1) -> int:
+    """The generation cache (gpt.KVCache): keys and values of every layer, (rows, Hkv, max_len, D) each, in
+    the activations' dtype (bf16 under autocast, fp32 on CPU), allocated whole at the first forward."""
+    size = BF16 if precision == "bf16" else FP32
+    return 2 * config.depth * rows * config.kv_heads * max_len * config.head_dim * size
+
+
+@dataclass
+class Phase:
+    """One GPU phase of a stage: what it holds for its whole length (`static`), its transient peak
+    (`dynamic`), and the slack on top. `total_bytes` is what the card must hold."""
+
+    name: str
+    static: dict[str, int]
+    dynamic: dict[str, int]
+    device: str = "cuda"
+    shape: str = ""  # e.g. "4 x 2048" or "32,768 tokens a batch"
+    cpu_scratch: int = CPU_INFERENCE_SCRATCH_BYTES  # training's is CPU_SCRATCH_BYTES
+
+    @property
+    def slack(self) -> int:
+        if self.device == "cuda":
+            return int(CUDA_FRAGMENTATION * sum(self.dynamic.values())) + CUDA_CONTEXT_BYTES
+        return self.cpu_scratch
+
+    @property
+    def total_bytes(self) -> int:
+        return int(sum(self.static.values()) + sum(self.dynamic.values()) + self.slack)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in {**self.static, **self.dynamic}.items() if v)
+        return f"{self.name} {self.total_bytes / GiB:.2f} GiB ({parts} GiB)"
+
+
+def _precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return precision
+
+
+def training_phases(config: GPTConfig, device_batch: int, seq_len: int, *, precision: str = "bf16",
+                    compile: bool = True, activation_checkpointing: bool = False, device: str = "cuda",
+                    ema: bool = False, prefix: str = "") -> list[Phase]:
+    """The training step's two peaks as phases: forward + backward of a micro-batch (activations held) and
+    the optimizer step (Muon's temporaries), from estimate_memory."""
+    est = estimate_memory(config, device_batch, seq_len, precision=precision, compile=compile,
+                          activation_checkpointing=activation_checkpointing, device=device, ema=ema)
+    static = {k: est.breakdown[k] for k in ("weights", "grads", "optimizer", "rotary", "ema") if k in est.breakdown}
+    backward = {k: int(est.detail[k]) for k in ("weight_casts", "activations", "logits", "accumulate")}
+    step = int(est.detail["step_bytes"])
+    shape = f"{device_batch} x {seq_len}"
+    return [Phase(f"{prefix}train step", static, backward, device, shape, CPU_SCRATCH_BYTES),
+            Phase(f"{prefix}optimizer step", static, {"optimizer_step": step}, device, shape, CPU_SCRATCH_BYTES)]
+
+
+def scoring_phase(name: str, config: GPTConfig, tokens: int, *, static: dict[str, int], precision: str,
+                  device: str, scored: int | None = None, columns: int | None = None,
+                  head_rows: int = HEAD_CHUNK_ROWS, shape: str = "") -> Phase:
+    """A no-grad scoring pass of `tokens` tokens a batch beside `static` (the model; the optimizer state
+    during pretraining); `scored`, `columns` as scoring_bytes."""
+    precision = _precision(precision, device)
+    dynamic = {"weight_casts": weight_cast_bytes(config, precision),
+               "scoring": scoring_bytes(config, tokens, precision=precision, scored=scored, columns=columns,
+                                        head_rows=head_rows)}
+    return Phase(name, static, dynamic, device, shape or f"{tokens:,} tokens a batch")
+
+
+def generation_phase(config: GPTConfig, prompt_tokens: int, *, static: dict[str, int], precision: str,
+                     device: str, max_len: int | None = None) -> Phase:
+    """Generation with the KV cache (daychat.chat.engine): the cache for the whole context, and the
+    prefill's forward of the prompt (the head at its last position only)."""
+    precision = _precision(precision, device)
+    cache = kv_cache_bytes(config, max_len or config.sequence_len, precision)
+    prefill = inference_bytes_per_token(config, precision) * prompt_tokens
+    dynamic = {"weight_casts": weight_cast_bytes(config, precision), "kv_cache": cache, "prefill": prefill}
+    return Phase("generation", static, dynamic, device, f"prompt {prompt_tokens:,}, cache {max_len or config.sequence_len:,}")
+
+
+def model_bytes(config: GPTConfig) -> dict[str, int]:
+    """An evaluation stage's static memory: the model's fp32 weights (load_model_folder keeps fp32) and its
+    rotary tables."""
+    return {"weights": FP32 * param_counts(config)["total"], "rotary": rotary_bytes(config)}
+
+
+def in_training_static(config: GPTConfig, ema: bool = False) -> dict[str, int]:
+    """What stays on the card while a training stage evaluates: weights, optimizer state, the EMA; the
+    gradients are freed (zero_grad(set_to_none=True) after every step)."""
+    parts = static_bytes(config)
+    parts.pop("grads")
+    parts["rotary"] = rotary_bytes(config)
+    if ema:
+        parts["ema"] = FP32 * param_counts(config)["total"]
+    return parts
+
+
+def scoring_batch_tokens(config: GPTConfig, budget_bytes: float, *, static: dict[str, int], precision: str,
+                         device: str, longest: int = 1, columns: int | None = None,
+                         cap: int = MAX_SCORING_TOKENS) -> int:
+    """The largest scoring batch (tokens) whose phase fits `budget_bytes` beside `static`, at most `cap`;
+    0 when not even one sequence of `longest` tokens fits. Every position is taken as scored and gathered
+    (the worst case), or with `columns`, one position a row over that many vocabulary columns (letter
+    scoring). Scoring memory grows with the batch, so this bisects on a monotone function."""
+    def fits(tokens: int) -> bool:
+        scored = tokens if columns is None else max(1, tokens // max(longest, 1))
+        phase = scoring_phase("scoring", config, tokens, static=static, precision=precision, device=device,
+                              scored=scored, columns=columns)
+        return phase.total_bytes <= budget_bytes
+
+    if not fits(longest):
+        return 0
+    lo, hi = longest, max(longest, cap)
     if fits(hi):
         return hi
     while hi - lo > 1:

@@ -19,8 +19,11 @@ from daychat.model.gpt import GPTConfig
 from daychat.plan.memory import (
     GiB,
     MemoryEstimate,
+    Phase,
     estimate_memory,
     largest_fit,
+    scoring_batch_tokens,
+    scoring_phase,
     static_bytes,
 )
 
@@ -102,3 +105,84 @@ def suggest(config: GPTConfig, device_batch: int, seq_len: int, usable: float, *
     static = sum(static_bytes(config).values())
     return (f"not even a d1 model fits: weights, gradients and optimizer state alone take {static / GiB:.2f} GiB; "
             f"use a larger card or a smaller vocabulary")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation phases: every stage that scores text (and pretraining, which evaluates as it goes) checks its
+# scoring and generation phases here before it allocates, and sizes its scoring batches from the same model.
+
+# Scoring batch on a CPU when no memory figure is given (memory_gib 0): tokens per forward. 8k tokens of the
+# real recipe's d17 is ~0.5 GB of fp32 transients beside the model; more buys a CPU nothing.
+CPU_SCORING_TOKENS = 8192
+
+
+def _usable(device, memory_gib: float, margin: float, card: str, section: str) -> tuple[float | None, str]:
+    budget = available_bytes(device, memory_gib)
+    if budget is None:
+        return None, ""
+    source = f"{section}.memory_gib {memory_gib:g} GiB" if memory_gib > 0 else f"{card} {budget / GiB:.1f} GiB"
+    return budget * (1 - margin), f"{source} less {section}.memory_margin {margin:.0%}"
+
+
+def scoring_batch(section: str, what: str, config: GPTConfig, device, *, memory_gib: float, margin: float,
+                  card: str, static: dict[str, int], longest: int, batch_tokens: int = 0, precision: str = "auto",
+                  columns: int | None = None, knob: str | None = None, fix: str = "") -> tuple[int, Phase]:
+    """The scoring batch (tokens, rows x padded width) of the evaluation phase `what`, and its memory.
+
+    batch_tokens 0 = automatic: the largest batch that fits beside `static` (the model; the optimizer state
+    when a training stage evaluates), at most memory.MAX_SCORING_TOKENS; on a CPU without memory_gib,
+    CPU_SCORING_TOKENS. A sequence longer than the batch is scored alone, so the phase is sized at
+    max(batch, longest). Every position is taken as scored (the worst case), or with `columns`, the last
+    position of each row over that many vocabulary columns (letter scoring). Raises a one-line UserError,
+    before anything is allocated, when the phase does not fit: naming `knob` (the batch size key) when it
+    was set too large, else `fix`."""
+    dev = getattr(device, "type", device)
+    usable, source = _usable(device, memory_gib, margin, card, section)
+
+    def phase(tokens: int) -> Phase:
+        scored = tokens if columns is None else max(1, tokens // max(longest, 1))
+        return scoring_phase(what, config, tokens, static=static, precision=precision, device=dev, scored=scored,
+                             columns=columns)
+
+    if usable is None:
+        tokens = batch_tokens or CPU_SCORING_TOKENS
+        return tokens, phase(max(tokens, longest))
+    prec = "bf16" if precision == "auto" and dev == "cuda" else ("fp32" if precision == "auto" else precision)
+    if batch_tokens:
+        est = phase(max(batch_tokens, longest))
+        if est.total_bytes > usable:
+            fit = scoring_batch_tokens(config, usable, static=static, precision=prec, device=dev, longest=longest,
+                                       columns=columns)
+            advice = (f"set {knob} to {fit:,} or 0 (the largest that fits)" if fit and knob else fix)
+            raise UserError(f"{section}: {what} with batches of {max(batch_tokens, longest):,} tokens is estimated at "
+                            f"{est.total_bytes / GiB:.1f} GiB ({est.describe()}), over the {usable / GiB:.1f} GiB "
+                            f"available ({source}); {advice}")
+        return batch_tokens, est
+    tokens = scoring_batch_tokens(config, usable, static=static, precision=prec, device=dev, longest=longest,
+                                  columns=columns)
+    if not tokens:
+        est = phase(longest)
+        raise UserError(f"{section}: {what} needs {est.total_bytes / GiB:.1f} GiB for its longest sequence "
+                        f"({longest:,} tokens; {est.describe()}), over the {usable / GiB:.1f} GiB available "
+                        f"({source}); {fix}")
+    return tokens, phase(max(tokens, longest))
+
+
+def check_phase(section: str, phase: Phase, device, *, memory_gib: float, margin: float, card: str,
+                fix: str) -> None:
+    """Raise a one-line UserError if `phase` does not fit the card less the margin (nothing on a CPU without
+    memory_gib); `fix` says which knob to turn."""
+    usable, source = _usable(device, memory_gib, margin, card, section)
+    if usable is not None and phase.total_bytes > usable:
+        raise UserError(f"{section}: {phase.name} ({phase.shape}) is estimated at {phase.total_bytes / GiB:.1f} GiB "
+                        f"({phase.describe()}), over the {usable / GiB:.1f} GiB available ({source}); {fix}")
+
+
+def summary(phases: list[Phase], device, *, memory_gib: float, card: str, section: str) -> str:
+    """One status line: each phase's estimate and what it is checked against."""
+    budget = available_bytes(device, memory_gib)
+    shown = ", ".join(f"{p.name} {p.total_bytes / GiB:.1f}" for p in phases)
+    if budget is None:
+        return f"memory by phase (GiB, estimated for a CPU; not checked: {section}.memory_gib 0): {shown}"
+    source = f"{section}.memory_gib {memory_gib:g} GiB" if memory_gib > 0 else f"{card} {budget / GiB:.1f} GiB"
+    return f"memory preflight by phase (GiB): {shown}; all fit {source}"

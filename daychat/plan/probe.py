@@ -9,8 +9,8 @@ autotuning, allocator warm-up) are not timed. A config runs in a child process
 (`python -m daychat.plan.probe '<json spec>'`) so that its peak memory is its own and an out-of-memory
 error (torch.OutOfMemoryError on CUDA, caught and reported) or a crash cannot take the next config down.
 
-Peak memory: torch.cuda.max_memory_allocated on CUDA; on a CPU the resident-set high-water mark (VmHWM,
-reset after imports) less the RSS at that point, as in bench/memory.py. The memory model's estimate
+Peak memory (daychat.plan.measure.Meter): torch.cuda.max_memory_allocated on CUDA; on a CPU the
+resident-set high-water mark (VmHWM, reset after imports) less the RSS at that point. The memory model's estimate
 (daychat.plan.memory) is recorded beside it with its relative error (allocated bytes, without the CUDA
 context, against max_memory_allocated).
 """
@@ -18,12 +18,10 @@ context, against max_memory_allocated).
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
 import sys
 import time
-from pathlib import Path
+
+from daychat.plan.measure import Meter, run_child
 
 GiB = 2 ** 30
 
@@ -50,12 +48,6 @@ class RandomBatches:
         pass
 
 
-def _rss_kib() -> tuple[int, int]:
-    """(VmRSS, VmHWM) of this process in KiB (Linux)."""
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)), int(re.search(r"VmHWM:\s+(\d+)", text).group(1))
-
-
 def measure(spec: dict) -> dict:
     """Train `spec` in this process and measure it. spec: depth, seq_len, device_batch, accum, steps,
     warmup_steps, vocab_size, aspect_ratio, head_dim, device, precision, compile, activation_checkpointing."""
@@ -80,10 +72,7 @@ def measure(spec: dict) -> dict:
     result = {"estimate_gib": est.allocated_bytes / GiB, "params": None, "oom": False}
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on
-    base_kib = _rss_kib()[0] if device.type != "cuda" else 0
+    meter = Meter(device)  # the peak from here on, the model included
     try:
         torch.manual_seed(0)
         with torch.device("meta"):
@@ -111,10 +100,7 @@ def measure(spec: dict) -> dict:
     except torch.OutOfMemoryError:
         result["oom"] = True
         return result
-    if device.type == "cuda":
-        measured = torch.cuda.max_memory_allocated(device)
-    else:
-        measured = (_rss_kib()[1] - base_kib) * 1024
+    measured = meter.peak()
     tok_per_s = plan.total_batch / step_s
     fpt = flops_per_token(config, seq_len)
     result.update(step_s=step_s, tok_per_s=tok_per_s, mfu=tok_per_s * fpt / peak if peak else None,
@@ -125,21 +111,7 @@ def measure(spec: dict) -> dict:
 
 def run_one(spec: dict, timeout_s: float) -> dict:
     """`measure(spec)` in a fresh child process; a crash or a timeout is recorded, not raised."""
-    root = Path(__file__).resolve().parents[2]  # the folder that holds the daychat package
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-           "PYTORCH_ALLOC_CONF": os.environ.get("PYTORCH_ALLOC_CONF", "expandable_segments:True")}
-    if spec["device"] == "cpu":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # RSS follows live tensors (bench/memory.py says why)
-    try:
-        out = subprocess.run([sys.executable, "-m", "daychat.plan.probe", json.dumps(spec)], env=env,
-                             capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"oom": False, "error": f"timed out after {timeout_s:g} s"}
-    if out.returncode != 0:
-        lines = out.stderr.strip().splitlines() or [f"exit status {out.returncode}"]
-        oom = "out of memory" in out.stderr.lower() or out.returncode in (-9, 137)
-        return {"oom": oom, "error": lines[-1][:300]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child("daychat.plan.probe", spec, device=spec["device"], timeout_s=timeout_s)
 
 
 if __name__ == "__main__":  # the child: one config, its result as the last line of stdout

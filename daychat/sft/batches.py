@@ -43,7 +43,9 @@ import torch
 
 from daychat.chat.format import ConversationError, render
 from daychat.cli import progress
+from daychat.data.staging import PinnedStaging
 from daychat.errors import UserError
+from daychat.eval.scoring import DEFAULT_CHUNK_ROWS, losses_at
 from daychat.sft.sources import SourceSpec, conversations_of, read_rows
 
 SKIP_REASONS = ("empty", "role_order", "bad_part", "no_assistant", "bad_row", "overlong")
@@ -195,6 +197,7 @@ class SftBatches:
         self.seed, self.shuffle, self.finite = seed, shuffle, finite
         self.buffer_size = max(1, buffer)
         self.device = torch.device(device)
+        self._staging = PinnedStaging(self.device)  # pinned, overlapped host-to-device copies on CUDA
         self._reset()
 
     def _reset(self) -> None:
@@ -281,8 +284,7 @@ class SftBatches:
             # targets would be a NaN loss that stops the run, so say what went wrong instead.
             raise RuntimeError("an SFT micro-batch has no trained target; the mixture holds conversations "
                                "without assistant tokens")
-        return (torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device),
-                torch.from_numpy(targets).to(self.device))
+        return self._staging.to_device(inputs, targets)  # pinned, overlapped copies on CUDA
 
     def rows_per_pass(self, seq_len: int) -> int:
         """Rows one pass over the items fills (a dry run of the packer on the lengths alone)."""
@@ -340,17 +342,21 @@ def val_batches(conversations: ConversationSet, rows: int, seq_len: int, pad_id:
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, batches, autocast: Callable[[], contextlib.AbstractContextManager]
-                  = contextlib.nullcontext) -> float:
-    """Mean cross-entropy (nats) over the trained targets of `batches`."""
+                  = contextlib.nullcontext, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> float:
+    """Mean cross-entropy (nats) over the trained targets of `batches`, memory-bounded as val bpb is
+    (daychat.eval.scoring.losses_at), summed on the device: one host sync at the end, not one a batch."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = None, None
     try:
         for x, y in batches:
             with autocast():
-                losses = model(x, y, loss_reduction="none")  # (B, T), 0 where ignored
-            total += losses.double().sum().item()
-            count += int((y >= 0).sum().item())
+                losses, _ = losses_at(model, x, y, chunk_rows=chunk_rows)  # (B*T,), 0 where ignored
+            batch_total, batch_count = losses.double().sum(), (y >= 0).sum()
+            total = batch_total if total is None else total + batch_total
+            count = batch_count if count is None else count + batch_count
     finally:
         model.train(was_training)
-    return total / count if count else float("nan")
+    if count is None or int(count) == 0:
+        return float("nan")
+    return float(total) / int(count)

@@ -80,9 +80,34 @@ class Checkpointer:
             return None
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # a damaged file: say which, and what to do
-            raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it to resume from the "
-                            "one before, or delete the folder to start over") from None
+        except Exception as e:
+            raise load_error(e, path, damaged="delete that file to resume from the checkpoint before it") from None
+
+
+def load_error(e: BaseException, path: str | os.PathLike, *, damaged: str, mismatch: str = "") -> UserError:
+    """One line for an error met while loading a checkpoint or a model, by what it means, so that nobody is
+    told to delete a day of checkpoints for an error that is not theirs: out of memory and device errors
+    leave the file as it was (run again once memory or the card is back); only an unreadable file is
+    damaged (`damaged` says what to do then); a file that reads but does not match the model or the run
+    (`mismatch`) was written by other code or settings and is not damaged either."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    name = type(e).__name__
+    lower = text.lower()
+    if isinstance(e, MemoryError) or isinstance(e, torch.OutOfMemoryError) or "out of memory" in lower:
+        return UserError(f"{path}: out of memory while loading it ({name}: {first}); the file is not damaged: "
+                         "free memory (other programs, other jobs on the card) and run again")
+    if "cuda error" in lower or "cublas" in lower or "cudnn" in lower or "accelerator" in name.lower():
+        return UserError(f"{path}: the GPU failed while loading it ({name}: {first}); the file is not damaged: "
+                         "check the card (nvidia-smi) and run again")
+    if isinstance(e, OSError) and e.errno is not None:
+        return UserError(f"{path}: cannot be read from disk ({name}: {first}); check the disk and run again")
+    if isinstance(e, (EOFError, pickle.UnpicklingError)) or any(
+            s in lower for s in ("pytorchstreamreader", "central directory", "unexpected eof", "invalid header",
+                                 "corrupt", "truncated", "zip archive", "magic number")):
+        return UserError(f"{path} is damaged ({name}: {first}); {damaged}")
+    return UserError(f"{path} does not match this run ({name}: {first}); it is not damaged, it was written by "
+                     f"other code or settings" + (f": {mismatch}" if mismatch else ""))
 
 
 def run_fingerprint(*parts: Any) -> str:
@@ -155,9 +180,9 @@ def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "c
     except (EOFError, pickle.UnpicklingError):  # torch's own message here is many lines about weights_only
         raise UserError(f"{folder / MODEL_FILE} is damaged (not a saved state dict); rerun the stage that "
                         f"wrote {folder}") from None
-    except (ValueError, TypeError, RuntimeError, KeyError) as e:
-        raise UserError(f"{folder} holds a model this code cannot load ({type(e).__name__}: {e}); "
-                        "rerun the pretrain stage") from None
+    except (ValueError, TypeError, RuntimeError, KeyError, MemoryError, OSError) as e:
+        raise load_error(e, folder / MODEL_FILE, damaged=f"rerun the stage that wrote {folder}",
+                         mismatch=f"rerun the stage that wrote {folder} with this code") from None
     meta_path = folder / META_FILE
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     return model.eval(), meta

@@ -13,7 +13,7 @@ How the work is split, and why it gives the single-process result: every rank ru
 step is accum_steps micro-batches of device_batch rows in one process; with W ranks, rank r takes micro-batches
 r, r + W, r + 2W, ... of that same sequence (`ShardedBatches`) and the others are packed and dropped. Each
 rank accumulates the mean loss over its accum_steps / W micro-batches; the gradients are then averaged
-over the ranks with one all-reduce per parameter after accumulation, BEFORE the optimizers step - so Muon
+over the ranks after accumulation, in bucketed all-reduces (Distributed.sync_gradients), BEFORE the optimizers step - so Muon
 orthogonalises the full-batch gradient, exactly the one a single process sums (up to float summation
 order). Optimizer steps are then the same computation on the same numbers on every rank: the weights stay
 identical without broadcasting them. Packing costs a few ms of CPU a step, so redundant packing is cheaper
@@ -39,6 +39,26 @@ import torch.distributed as dist
 # Ranks other than 0 wait at their next collective while rank 0 evaluates (val bpb + the CORE proxy take a
 # few minutes on the real recipe): well above that, so a slow evaluation is not mistaken for a hang.
 TIMEOUT = timedelta(minutes=60)
+
+
+# Gradient all-reduce buckets (DDP's default is 25 MiB): large enough that each transfer runs at bandwidth,
+# small enough that two in flight cost little memory.
+BUCKET_BYTES = 64 * 2 ** 20
+
+
+def buckets(tensors: list[torch.Tensor], max_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive groups of same-dtype tensors of at most max_bytes each (a larger tensor is a group alone)."""
+    groups: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if groups and size + nbytes <= max_bytes and groups[-1][0].dtype == t.dtype:
+            groups[-1].append(t)
+            size += nbytes
+        else:
+            groups.append([t])
+            size = nbytes
+    return groups
 
 
 def under_torchrun() -> bool:
@@ -96,16 +116,35 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @torch.no_grad()
     def sync_gradients(self, model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
         """Average every parameter's gradient and the step's loss over the ranks (in place); returns the loss.
 
-        One all-reduce per parameter, in a fixed order; a bucketed DDP would overlap it with the backward,
-        but the explicit form is exact, keeps Muon on the averaged gradient and costs one pass over the
-        gradients per optimizer step (not per micro-batch)."""
-        for p in model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad.div_(self.world_size)
+        The gradients go in buckets of about BUCKET_BYTES (a d17 has ~150 parameters, some of a few
+        hundred bytes: one all-reduce each would be latency-bound), each flattened into one fp32 buffer and
+        all-reduced asynchronously; at most two buckets are in flight, so the next bucket's copy overlaps
+        the current one's transfer and the extra memory is two buckets. Summed in a fixed order, as plain
+        all-reduces: exact, and Muon sees the averaged gradient. Once per optimizer step, after the last
+        micro-batch (the compiled backward hands every gradient over at its end, so a per-parameter hook
+        would have nothing to overlap with)."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        pending: list[tuple[object, torch.Tensor, list[torch.Tensor]]] = []
+
+        def finish(handle, flat: torch.Tensor, members: list[torch.Tensor]) -> None:
+            handle.wait()
+            flat.div_(self.world_size)
+            offset = 0
+            for g in members:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+        for members in buckets(grads, BUCKET_BYTES):
+            flat = torch.cat([g.reshape(-1) for g in members]) if len(members) > 1 else members[0].reshape(-1).clone()
+            pending.append((dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True), flat, members))
+            if len(pending) == 2:
+                finish(*pending.pop(0))
+        for item in pending:
+            finish(*item)
         loss = loss.detach().clone()
         dist.all_reduce(loss, op=dist.ReduceOp.SUM)
         return loss / self.world_size

@@ -17,13 +17,19 @@ import numpy as np
 import torch
 
 from daychat.data.loader import PackedLoader
+from daychat.eval.scoring import DEFAULT_CHUNK_ROWS, losses_at
 from daychat.data.tokens import TokenShards
 
 
 @torch.no_grad()
 def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                 token_bytes: torch.Tensor, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
-    """Bits per byte of `model` over `batches` of (inputs, targets); `token_bytes` is (vocab,) on its device."""
+                 token_bytes: torch.Tensor, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS) -> float:
+    """Bits per byte of `model` over `batches` of (inputs, targets); `token_bytes` is (vocab,) on its device.
+
+    The losses come from daychat.eval.scoring.losses_at: the trunk once per batch, the head `chunk_rows`
+    positions at a time, so no batch's fp32 logits are ever whole in memory. A GPT's FP8 linears run in bf16
+    here (daychat.model.fp8: no grad, no FP8), so the curve compares with core_eval's numbers."""
     was_training = model.training
     model.eval()
     total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
@@ -31,7 +37,7 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, t
     try:
         for x, y in batches:
             with autocast():
-                losses = model(x, y, loss_reduction="none")  # (B, T) nats per target
+                losses, _ = losses_at(model, x, y, chunk_rows=chunk_rows)  # (B*T,) nats per target, 0 if ignored
             y = y.reshape(-1)
             valid = y >= 0
             n_bytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)  # ignored targets index 0 safely

@@ -42,7 +42,7 @@ import torch
 from daychat.cli import status
 from daychat.errors import UserError
 from daychat.optim import set_lr_multiplier, set_muon_momentum, set_weight_decay_multiplier
-from daychat.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from daychat.train.checkpoint import Checkpointer, load_error, rng_state, set_rng_state
 from daychat.train.metrics import LiveLog, peak_memory_gib
 from daychat.train.schedule import BatchPlan, Schedule
 
@@ -200,10 +200,13 @@ class Trainer:
             # to host memory first: load_state_dict copies onto each parameter's device, and the RNG
             # states must stay CPU byte tensors
             self.load_state_dict(checkpointer.load(path, map_location="cpu"))
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:  # e.g. the model code changed since
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise UserError(f"{path} does not fit this run ({type(e).__name__}: {first_line}); delete "
-                            f"{checkpointer.folder} to start over") from None
+        except UserError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError, MemoryError, OSError) as e:
+            # an out-of-memory or a CUDA error is not a bad checkpoint: load_error tells them apart
+            raise load_error(e, path, damaged="delete that file to resume from the checkpoint before it",
+                             mismatch=f"run the code that wrote it to resume, or move {checkpointer.folder} "
+                                      "aside to start over") from None
         return self.state.step
 
     def save(self) -> None:
@@ -224,13 +227,21 @@ class Trainer:
         window = {"tokens": 0, "seconds": 0.0, "flops": 0.0}  # since the last log row: for tok/s and MFU
 
         def elapsed() -> float:
-            value = elapsed_before + self.clock() - session_start
-            return value if self.dist is None else self.dist.agree(value)  # rank 0's clock steers all ranks
+            return elapsed_before + self.clock() - session_start
+
+        def agreed() -> float:
+            # Rank 0's clock steers every rank: one broadcast a step, read where the step's schedule is
+            # decided. What only rank 0 acts on (logging, saving) reads the local clock.
+            value = elapsed()
+            return value if self.dist is None else self.dist.agree(value)
 
         if s.step == 0 and not s.finished:
             self._evaluate()
-        while not s.finished and not horizon.done(s.tokens, elapsed()):
-            progress = horizon.progress(s.tokens, elapsed())
+        while not s.finished:
+            now = agreed()
+            if horizon.done(s.tokens, now):
+                break
+            progress = horizon.progress(s.tokens, now)
             seq_len = self.schedule.seq_len(progress)
             lrm = self.schedule.lr_multiplier(progress, s.step)
             set_lr_multiplier(self.optimizers, lrm)
