@@ -105,9 +105,15 @@ _BOILERPLATE_KEYS = ("cookie", "privacy policy", "terms of use", "terms of servi
                      "all rights reserved", "copyright", "spdx-license-identifier", "licensed under the",
                      "permission is hereby granted", "redistribution and use", "this program is free software",
                      "and any express", "code of conduct")
-# The unit stripped around a boilerplate phrase is its paragraph when that is at most this long (a
-# licence block wrapped over lines), else only its line; a longer line with the phrase is kept as prose.
+# The unit stripped around a boilerplate phrase is its sentence as laid out in lines: the line, joined
+# with the lines its sentence is hard-wrapped onto (see _wrapped_units). A single-newline web page, where
+# every line is its own sentence, heading or menu item, loses only its footer or navigation line ("Share
+# this:", "Copyright © ..."); a licence wrapped at 72-80 columns goes as a whole sentence. A unit longer
+# than this is kept: a phrase inside a long run of text is prose that mentions a policy, not a notice.
 BOILERPLATE_UNIT_CHARS = 1500
+# A line that ends with one of these (closing quotes or brackets aside) ends its sentence.
+_SENTENCE_END = re.compile(r"[.!?:][\"'”’»)\]*]*\s*$")
+_FIRST_LETTER = re.compile(r"[^\W\d_]")
 
 
 def has_boilerplate(text: str) -> bool:
@@ -120,8 +126,35 @@ def has_lorem_ipsum(text: str) -> bool:
     return "lorem ipsum" in text.lower()
 
 
+def _continues(previous: str, line: str) -> bool:
+    """Whether `line` carries on the sentence of `previous` (a hard wrap, not a new line of content): the
+    previous line does not end a sentence, and this one starts in lower case ("...obtaining a copy\nof
+    this software") or both are in capitals (the BSD and MIT disclaimers)."""
+    if not previous.strip() or _SENTENCE_END.search(previous):
+        return False
+    first = _FIRST_LETTER.search(line)
+    if first is None:
+        return False
+    if first.group().islower():
+        return True
+    return not any(c.islower() for c in previous) and not any(c.islower() for c in line)
+
+
+def _wrapped_units(paragraph: str) -> list[str]:
+    """The paragraph's lines grouped into units, a line joining the previous unit when it continues its
+    sentence (see _continues); joined back with newlines they give the paragraph again."""
+    units: list[list[str]] = []
+    for line in paragraph.split("\n"):
+        if units and _continues(units[-1][-1], line):
+            units[-1].append(line)
+        else:
+            units.append([line])
+    return ["\n".join(unit) for unit in units]
+
+
 def strip_boilerplate(text: str) -> tuple[str, int]:
-    """Text without its boilerplate paragraphs and lines (see BOILERPLATE), and how many characters went."""
+    """Text without its boilerplate lines (see BOILERPLATE, and BOILERPLATE_UNIT_CHARS for what a line
+    is), and how many characters went. A paragraph left empty goes with its break."""
     lower = text.lower()
     hits = [i for key in _BOILERPLATE_KEYS for i in _find_all(lower, key)]
     if not hits:  # the common case, found at GB/s
@@ -136,11 +169,11 @@ def strip_boilerplate(text: str) -> tuple[str, int]:
     for i, (paragraph, brk) in enumerate(zip(pieces[::2], pieces[1::2] + [""])):
         if i not in suspects or not has_boilerplate(paragraph):
             kept += [paragraph, brk]
-        elif len(paragraph) > BOILERPLATE_UNIT_CHARS:
-            lines = [line for line in paragraph.split("\n")
-                     if len(line) > BOILERPLATE_UNIT_CHARS or not has_boilerplate(line)]
-            if lines:
-                kept += ["\n".join(lines), brk]
+            continue
+        units = [unit for unit in _wrapped_units(paragraph)
+                 if len(unit) > BOILERPLATE_UNIT_CHARS or not has_boilerplate(unit)]
+        if any(unit.strip() for unit in units):
+            kept += ["\n".join(units).strip("\n"), brk]
     cleaned = "".join(kept).strip()
     return cleaned, len(text) - len(cleaned)
 
