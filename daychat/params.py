@@ -257,6 +257,20 @@ class PretrainParams:
             raise ParamsError("pretrain.window_pattern", f"must be a string of L and S, got {self.window_pattern!r}")
 
 
+# The combined heuristic score's weights per statistic (daychat.data.heuristics.STATISTICS), from
+# `python -m bench.heuristics` (reports/bench/heuristics.json); score_bias and min_score beside them.
+SCORE_WEIGHTS: dict[str, float] = {
+    "stop_word_ratio": 14.4667,
+    "alpha_words": 0.4547,
+    "log_mean_line_chars": 0.6519,
+    "line_punct": 23.0388,
+    "short_lines": -2.7182,
+    "dup_line_chars": -9.8707,
+    "top_2gram_chars": -19.5316,
+    "dup_5gram_chars": -8.1274,
+}
+
+
 @dataclass(frozen=True)
 class QualityParams:
     """The quality stage (daychat.data.quality): language ID, heuristic filters, a fastText quality
@@ -292,6 +306,12 @@ class QualityParams:
     max_dup_paragraph_chars: float = knob(0.2, min=0.0, max=1.0)
     max_top_ngram_chars: list[float] = knob([0.20, 0.18, 0.16])  # for n = 2, 3, 4, ...
     max_dup_ngram_chars: list[float] = knob([0.15, 0.14, 0.13, 0.12, 0.11, 0.10])  # for n = 5, 6, ...
+    # "score" (only when listed in `heuristics`): p(clean) = sigmoid(score_bias + sum of score_weights[s] x s)
+    # over the statistics of daychat.data.heuristics.STATISTICS; a document under min_score is dropped. The
+    # weights and cut-off are fitted and chosen by `python -m bench.heuristics` (README, "Data quality").
+    score_weights: dict[str, float] = field(default_factory=lambda: dict(SCORE_WEIGHTS))
+    score_bias: float = knob(-4.8447)
+    min_score: float = knob(0.797, min=0.0, max=1.0)
     # 3. Quality classifier (fastText, DCLM-style), trained in the stage on positives vs negatives. A
     # source is `input` (the documents that passed 1 and 2), `shuffled:<source>` (its words shuffled),
     # `embedded:stdlib|packages|reference`, `local:<path or glob>` (parquet, jsonl, jsonl.gz, json) or an http(s) URL of a
@@ -335,6 +355,11 @@ class QualityParams:
         if self.max_mean_word_length < self.min_mean_word_length:
             raise ParamsError("quality.max_mean_word_length",
                               f"must be >= min_mean_word_length ({self.min_mean_word_length}), got {self.max_mean_word_length}")
+        from daychat.data.heuristics import STATISTICS
+
+        unknown = [name for name in self.score_weights if name not in STATISTICS]
+        if unknown:
+            raise ParamsError("quality.score_weights", f"has unknown statistics {unknown} (known: {', '.join(STATISTICS)})")
         for key in ("max_top_ngram_chars", "max_dup_ngram_chars"):
             if any(not 0.0 <= value <= 1.0 for value in getattr(self, key)):
                 raise ParamsError(f"quality.{key}", f"must hold fractions in [0, 1], got {getattr(self, key)}")
@@ -673,6 +698,9 @@ def _coerce(key: str, value: Any, hint: Any, file: str) -> Any:
     if hint is dict or origin is dict:  # a mapping entry (e.g. an sft source): its section's check() validates it
         if not isinstance(value, dict):
             raise ParamsError(key, f"must be a mapping, got {value!r}", file)
+        args = typing.get_args(hint)
+        if args and args[1] in (int, float, str, bool):  # a typed mapping (e.g. quality.score_weights)
+            return {k: _coerce(f"{key}.{k}", v, args[1], file) for k, v in value.items()}
         return dict(value)
     if hint is bool:
         if not isinstance(value, bool):

@@ -17,7 +17,8 @@ import yaml
 
 from conftest import run_stage
 from daychat.data import quality
-from daychat.data.heuristics import HEURISTICS, Heuristics, strip_boilerplate, strip_gutenberg
+from daychat.data.heuristics import (HEURISTICS, STATISTICS, Heuristics, document_stats, quality_score,
+                                     strip_boilerplate, strip_gutenberg)
 from daychat.data.textshards import SCHEMA, ShardInfo, read_manifest, shard_paths, write_manifest
 from daychat.errors import UserError
 from daychat.params import ParamsError, parse_section
@@ -122,6 +123,9 @@ BAD = {
     "dup_paragraphs": ("dup_paragraphs", CLEAN + "\n\n" + "\n\n".join(["Thank you for reading.\nShare it with friends."] * 12)),
     "top_ngrams": ("top_ngrams", " ".join(f"{w} very good" for w in CLEAN.split())),
     "dup_ngrams": ("dup_ngrams", CLEAN + " " + " ".join([SENTENCES[0]] * 4)),
+    # the combined score: the same words as CLEAN, cut into 3-word lines without punctuation (a table, a menu)
+    "score": ("score", "\n".join(" ".join(w.strip(".,:;") for w in CLEAN.split()[i:i + 3])
+                                  for i in range(0, len(CLEAN.split()), 3))),
     "boilerplate": ("boilerplate", "Skip to content\n\nWe use cookies to improve your experience.\n\n"
                                    "Privacy policy | Terms of use\n\nCopyright (c) 2024 Example Ltd. All rights reserved.\n\n"
                                    "Hello, welcome to our site."),
@@ -144,6 +148,19 @@ def test_each_filter_drops_its_case(name):
     reason, text = BAD[name]
     assert judge(text, params(heuristics=[name])) == reason  # that filter alone catches it
     assert judge(CLEAN, params(heuristics=[name])) is None
+
+
+def test_document_stats_measure_what_the_filters_threshold():
+    page = "The cat sat on the mat.\nHome\nHome\n- a list item with the words of a longer line\nIs it?"
+    stats = document_stats(page)  # 5 lines of 23, 4, 4, 45, 6 characters; 21 words (the "-" is one)
+    assert list(stats) == list(STATISTICS)
+    assert stats["line_punct"] == pytest.approx(2 / 5) and stats["short_lines"] == pytest.approx(4 / 5)
+    assert stats["bullet_lines"] == pytest.approx(1 / 5) and stats["dup_line_chars"] == pytest.approx(4 / 82)
+    assert stats["stop_word_ratio"] == pytest.approx(5 / 21) and stats["log_words"] == pytest.approx(np.log1p(21))
+    assert stats["log_mean_line_chars"] == pytest.approx(np.log1p(82 / 5))
+    assert quality_score(stats, {"line_punct": 10.0}, -4.0) == pytest.approx(0.5)
+    with pytest.raises(ParamsError, match=r"quality.score_weights has unknown statistics \['lines'\]"):
+        params(score_weights={"lines": 1.0})
 
 
 def test_length_upper_bound_and_switches():

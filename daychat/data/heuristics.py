@@ -16,6 +16,11 @@ defaults are the published ones:
   <= 15/14/13/12/11/10%. FineWeb (Penedo et al. 2024) keeps these Gopher filters as they are.
 - C4 (Raffel et al. 2020): a page with "lorem ipsum" is dropped; lines about JavaScript, cookies and
   policies are removed from the page (the "boilerplate" filter below strips them, see BOILERPLATE).
+- "score": one logistic score over the statistics the filters above threshold one by one (and FineWeb's
+  line statistics: the share of lines ending in punctuation, of lines of 30 characters or fewer), see
+  STATISTICS and `document_stats`. Each threshold alone is set so low that it only catches the worst
+  pages; the score weighs all of them at once. Its weights and cut-off come from `python -m
+  bench.heuristics` (what that measurement shows, and does not, is in the README's "Data quality").
 
 "Words" are whitespace-separated tokens; where a filter measures words (mean length, stop words, share
 with a letter) it trims their punctuation and ignores tokens that are punctuation only. Splitting on
@@ -36,7 +41,7 @@ from daychat.params import QualityParams
 # Names usable in `quality.heuristics`, in the order they run (cheap first); each is also its drop reason,
 # except "length", which drops as too_short or too_long.
 HEURISTICS = ("boilerplate", "length", "mean_word_length", "symbol_ratio", "alpha_words", "stop_words",
-              "bullet_lines", "ellipsis_lines", "dup_lines", "dup_paragraphs", "top_ngrams", "dup_ngrams")
+              "bullet_lines", "ellipsis_lines", "dup_lines", "dup_paragraphs", "top_ngrams", "dup_ngrams", "score")
 REASONS = ("boilerplate", "too_short", "too_long", *HEURISTICS[2:])
 
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))  # Gopher's list
@@ -187,6 +192,66 @@ def _find_all(text: str, key: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Document statistics: what the filters threshold, as numbers, for the combined score
+
+# Every statistic the score can weigh, in the order `document_stats` returns them. Lengths enter as logs
+# (the difference between 50 and 500 words matters, between 5,000 and 50,000 much less).
+STATISTICS = ("log_words", "mean_word_length", "stop_word_ratio", "alpha_words", "symbol_ratio",
+              "log_mean_line_chars", "line_punct", "short_lines", "bullet_lines", "ellipsis_lines",
+              "dup_line_chars", "top_2gram_chars", "dup_5gram_chars")
+# FineWeb's own filters (Penedo et al. 2024; datatrove's FineWebQualityFilter) keep a page when >= 12% of
+# its lines end in punctuation and <= 67% of them have 30 characters or fewer: its two line statistics.
+SHORT_LINE_CHARS = 30
+_LINE_END_PUNCT = (".", "!", "?", '"', "'", "”", "’", ")", ":", "…")
+
+
+def document_stats(text: str, words: Words | None = None) -> dict[str, float]:
+    """The STATISTICS of one document (of the text as it would be kept: after stripping)."""
+    words = words or Words(text)
+    n = max(words.count, 1)
+    real = words.core_lengths > 0
+    real_count = int(words.freq[real].sum())
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    n_lines = max(len(lines), 1)
+    repeated = _repeated_chars(lines)
+    return {
+        "log_words": float(np.log1p(words.count)),
+        "mean_word_length": float((words.freq * words.core_lengths).sum() / real_count) if real_count else 0.0,
+        "stop_word_ratio": float(words.freq[words.is_stop_word].sum() / n),
+        "alpha_words": float(words.freq[words.has_letter].sum() / real_count) if real_count else 0.0,
+        "symbol_ratio": max(text.count("#"), sum(text.count(e) for e in ELLIPSES)) / n,
+        "log_mean_line_chars": float(np.log1p(sum(map(len, lines)) / n_lines)),
+        "line_punct": sum(line.endswith(_LINE_END_PUNCT) for line in lines) / n_lines,
+        "short_lines": sum(len(line) <= SHORT_LINE_CHARS for line in lines) / n_lines,
+        "bullet_lines": sum(line.startswith(BULLETS) for line in lines) / n_lines,
+        "ellipsis_lines": sum(line.endswith(ELLIPSES) for line in lines) / n_lines,
+        "dup_line_chars": repeated,
+        "top_2gram_chars": top_ngram_char_fraction(words, 2),
+        "dup_5gram_chars": dup_ngram_char_fraction(words, 5),
+    }
+
+
+def _repeated_chars(items: list[str]) -> float:
+    """Share of the characters of `items` in items that repeat an earlier one."""
+    seen: set[str] = set()
+    repeat = total = 0
+    for item in items:
+        total += len(item)
+        if item in seen:
+            repeat += len(item)
+        else:
+            seen.add(item)
+    return repeat / total if total else 0.0
+
+
+def quality_score(stats: dict[str, float], weights: dict[str, float], bias: float) -> float:
+    """p(clean) of a logistic model: sigmoid(bias + sum of weight x statistic), in [0, 1]."""
+    z = bias + sum(w * stats[name] for name, w in weights.items())
+    return float(1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0))))
+
+
+# ----------------------------------------------------------------------------------------------------
 # The filters
 
 
@@ -276,6 +341,8 @@ class Heuristics:
             return drop
         if "dup_ngrams" in on and (drop := self._dup_ngrams(words)):
             return drop
+        if "score" in on and (drop := self._score(text, words)):
+            return drop
         return None
 
     # word-level
@@ -352,6 +419,15 @@ class Heuristics:
                 return Drop("dup_ngrams", share, f"repeated {n}-grams cover {share:.1%} of the characters > {limit:.0%}")
             if share <= min(limits[i + 1:], default=1.0):
                 break
+        return None
+
+
+    # combined
+
+    def _score(self, text: str, words: Words) -> Drop | None:
+        score = quality_score(document_stats(text, words), self.p.score_weights, self.p.score_bias)
+        if score < self.p.min_score:
+            return Drop("score", score, f"heuristic score {score:.3f} < {self.p.min_score:g}")
         return None
 
 
