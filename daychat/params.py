@@ -325,10 +325,10 @@ class QualityParams:
     classifier_max_docs: int = knob(100_000, min=2)  # per class, a seeded sample of each side's sources
     # The classifier reads windows of classifier_window_words words (Gopher's 50-word minimum: every page the
     # length filter keeps has one), newlines and case gone: one seeded window per document to train on, the
-    # mean over up to classifier_windows evenly spaced windows to score, so that neither a document's length
-    # nor its line layout is a feature (daychat.data.quality, "Classifier").
+    # median over up to classifier_windows evenly spaced windows to score, so that neither a document's length
+    # nor its line layout is a feature (daychat.data.quality, "What the classifier reads").
     classifier_window_words: int = knob(50, min=8)
-    classifier_windows: int = knob(8, min=1)  # windows scored per document (their mean is its score)
+    classifier_windows: int = knob(8, min=1)  # windows scored per document (their median is its score)
     classifier_holdout: float = knob(0.1, min=0.01, max=0.5)  # share of each class held out for precision/recall
     classifier_epochs: int = knob(5, min=1)
     classifier_lr: float = knob(0.1, min=0.0)
