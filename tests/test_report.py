@@ -120,6 +120,24 @@ def test_filter_ablation_variants_and_effects():
     assert effect.diff == -0.5 and effect.ci95 is None and effect.helps() is None
 
 
+def test_filter_ablation_reads_the_harness_list_of_runs(tmp_path):
+    """The ablation harness's own results.json: one record per run; the short budget of the scale that has
+    the filter variants, paired on the seeds every variant has, by heldout_bpb when all runs report it."""
+    runs = [{"variant": v, "seed": seed, "scale": "d4x128", "budget": "short",
+             "metrics": {"val_bpb": 9.0, "heldout_bpb": base + 0.01 * seed}}
+            for v, base in (("dedup_only", 2.2), ("heuristics", 2.1)) for seed in (0, 1, 2)]
+    runs += [{"variant": "heuristics", "seed": 3, "scale": "d4x128", "budget": "short", "metrics": {"heldout_bpb": 0.0}},
+             {"variant": "dedup_only", "seed": 0, "scale": "d4x128", "budget": "long", "metrics": {"heldout_bpb": 0.0}},
+             {"variant": "baseline", "seed": 0, "scale": "d4x128", "budget": "short", "metrics": {"heldout_bpb": 0.0}}]
+    (tmp_path / "results.json").write_text(json.dumps(runs))
+    results = filter_ablation.read_results(tmp_path / "results.json")
+    assert results["metric"] == "heldout_bpb" and results["variants"]["heuristics"]["values"] == [2.1, 2.11, 2.12]
+    (effect,) = filter_ablation.effects(results).values()
+    assert effect.diff == pytest.approx(-0.1) and effect.seeds == 3 and effect.helps()
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert filter_ablation.read_results(tmp_path / "bad.json") is None
+
+
 def test_curves_and_core_subset_render(tmp_path):
     metrics = tmp_path / "metrics"
     for stage, data in DATA_METRICS.items():

@@ -25,7 +25,11 @@ The results file (JSON, `reports/ablate.json` by default; `make ablate` writes i
      "variants": {"dedup_only": {"values": [1.91, 1.92, 1.90]}, "heuristics": {"values": [...]}, ...}}
 
 `values` are per seed, in seed order (the same seeds for every variant: differences are paired by seed).
-A variant may carry `mean` and `ci95` instead of `values`; its differences then have no interval.
+A variant may carry `mean` and `ci95` instead of `values`; its differences then have no interval. The
+file may also be the harness's own list of runs (issue 17's workflow/ablate.py writes
+reports/<ablation>/results.json: one record per run with `variant`, `seed`, `scale`, `budget` and its
+`metrics`): the short-budget runs of the scale with the most of these variants are read, by
+HELDOUT_METRIC when every one of them has it, else by val_bpb.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ EVAL_TEXT = ("../shared/data/corpus/gutenberg/shard_00007.parquet",
              "../shared/data/eval_bundle/eval_data/language_understanding/lambada_openai.jsonl")
 
 DEFAULT_RESULTS = "reports/ablate.json"
+HELDOUT_METRIC = "heldout_bpb"  # the pretrain metric on a fixed held-out text (pretrain.eval_text, issue 17)
 
 
 def overrides(variant: str) -> list[str]:
@@ -95,14 +100,37 @@ class Effect:
 
 
 def read_results(path: str | Path | None) -> dict | None:
-    """The harness's results file, or None when it does not exist or does not read as the format above."""
+    """The results in the format above (from either file layout), or None when the file does not exist
+    or does not read as one of them."""
     if not path or not Path(path).is_file():
         return None
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, OSError):
         return None
+    if isinstance(data, list):
+        return _from_runs(data)
     return data if isinstance(data, dict) and isinstance(data.get("variants"), dict) else None
+
+
+def _from_runs(runs: list) -> dict | None:
+    """The format above from a list of run records (see the module docstring)."""
+    runs = [r for r in runs if isinstance(r, dict) and r.get("variant") in VARIANTS and isinstance(r.get("metrics"), dict)
+            and r.get("budget", "short") == "short"]
+    by_scale: dict[Any, list[dict]] = {}
+    for r in runs:
+        by_scale.setdefault(r.get("scale"), []).append(r)
+    if not by_scale:
+        return None
+    chosen = max(by_scale.values(), key=lambda rs: (len({r["variant"] for r in rs}), len(rs)))
+    metric = HELDOUT_METRIC if all(HELDOUT_METRIC in r["metrics"] for r in chosen) else "val_bpb"
+    values: dict[str, dict[Any, float]] = {}
+    for r in chosen:
+        if metric in r["metrics"]:
+            values.setdefault(r["variant"], {})[r.get("seed")] = float(r["metrics"][metric])
+    seeds = sorted(set.intersection(*(set(v) for v in values.values())), key=str) if values else []
+    return {"metric": metric, "lower_is_better": True,
+            "variants": {name: {"values": [v[s] for s in seeds]} for name, v in values.items()}}
 
 
 def effects(results: dict | None) -> dict[str, Effect]:
@@ -151,3 +179,8 @@ def _t_interval(values: list[float]) -> tuple[float, float] | None:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = _T95.get(n - 1, 1.96) * sd / math.sqrt(n)
     return mean - half, mean + half
+
+
+if __name__ == "__main__":  # python -m daychat.data.filter_ablation: the variants as `dvc exp run` arguments
+    for name in VARIANTS:
+        print(f"{name:22s} {' '.join(f'-S {o}' for o in overrides(name)) or '(the recipe as it is)'}")

@@ -534,10 +534,10 @@ def collect(specs: list[str], key: str, p: QualityParams, ctx: SourceContext) ->
 # would rank low (measured on the demo: Spearman with length -0.30 with the mean, -0.17 with the median).
 # More training windows per document were tried once on the mixed corpus (AlpacaEval answers as
 # positives): all of a document's windows up to 8 gives long documents more weight (Spearman +0.30 with
-# length), 8 windows for every document gives short ones' words more (+0.32); one window: +0.06. Newlines, whitespace runs and case are gone from every line, and
-# punctuation marks are tokens of their own, so line layout cannot be a feature either. The stage
-# measures what is left: the Spearman of the score with length and with mean line length over every
-# scored document (metrics classifier_spearman_*).
+# length), 8 windows for every document gives short ones' words more (+0.32); one window: +0.06.
+# Newlines, whitespace runs and case are gone from every line, and punctuation marks are tokens of their
+# own, so line layout cannot be a feature either. The stage measures what is left: the Spearman of the
+# score with length and with mean line length over every scored document (metrics classifier_spearman_*).
 
 _TOKEN = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")  # a word (with its apostrophes) or one punctuation mark
 
@@ -549,7 +549,8 @@ def classifier_line(words: list[str]) -> str:
 
 def window_starts(n_words: int, size: int, count: int) -> list[int]:
     """Where the scored windows start: up to `count` non-overlapping windows of `size` words spread evenly
-    from the first word to the last; [0] (one window, shorter than `size`) for a shorter text; [] for none."""
+    from the first word to the last; [0] for a text of fewer than two windows (one window, shorter than
+    `size` for a text shorter than that); [] for no words."""
     if n_words == 0:
         return []
     full = n_words // size
