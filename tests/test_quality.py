@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import run_stage
-from daychat.data import quality
+from daychat.data import quality, sources
 from daychat.data.heuristics import (HEURISTICS, STATISTICS, Heuristics, document_stats, quality_score,
                                      strip_boilerplate, strip_gutenberg)
 from daychat.data.textshards import SCHEMA, ShardInfo, read_manifest, shard_paths, write_manifest
@@ -279,7 +279,7 @@ def test_classifier_trains_on_a_separable_fixture_and_reports_held_out_scores(tm
     assert scores[0] < 0.5 < scores[1]
 
 
-def test_classifier_sources_are_validated(tmp_path):
+def test_classifier_sources_are_validated(tmp_path, monkeypatch):
     for spec in ("embedded:numpy", "ftp://host/x.parquet", "https://host/data.jsonl", "local:x#a+", "web"):
         with pytest.raises(ParamsError, match="quality.classifier_positives"):
             params(classifier_positives=[spec])
@@ -293,8 +293,11 @@ def test_classifier_sources_are_validated(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"output": "x"}))
     with pytest.raises(UserError, match="bad.json: a .json source must hold a list of records"):
         list(quality.read_source(quality.parse_source(f"local:{tmp_path}/bad.json"), ctx))
-    reference = list(quality.read_source(quality.parse_source("embedded:reference"), ctx))
-    assert len(reference) > 50 and all(key.startswith("python-reference/") for key, _ in reference)
+    docs = [sources.Doc("python-reference/if", "The if statement.", "python-reference"),
+            sources.Doc("python-stdlib/os.py", "OS routines.", "python-stdlib")]
+    monkeypatch.setattr(sources, "embedded_documents", lambda parts, stats: iter(docs) if parts == ["stdlib"] else iter([]))
+    assert list(quality.read_source(quality.parse_source("embedded:reference"), ctx)) == [("python-reference/if", "The if statement.")]
+    assert len(list(quality.read_source(quality.parse_source("embedded:stdlib"), ctx))) == 2
 
 
 def _chunks(words: list[str], rng, low: int, high: int, n: int) -> list[str]:
