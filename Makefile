@@ -34,6 +34,7 @@ bench: setup
 	$(PY) -m bench.data
 	$(PY) -m bench.dedup
 	$(PY) -m bench.quality
+	$(PY) -m bench.heuristics
 	$(PY) -m bench.pretrain
 	$(PY) -m bench.memory
 	$(PY) -m bench.dag

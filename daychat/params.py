@@ -257,6 +257,20 @@ class PretrainParams:
             raise ParamsError("pretrain.window_pattern", f"must be a string of L and S, got {self.window_pattern!r}")
 
 
+# The combined heuristic score's weights per statistic (daychat.data.heuristics.STATISTICS), from
+# `python -m bench.heuristics` (reports/bench/heuristics.json); score_bias and min_score beside them.
+SCORE_WEIGHTS: dict[str, float] = {
+    "stop_word_ratio": 14.4667,
+    "alpha_words": 0.4547,
+    "log_mean_line_chars": 0.6519,
+    "line_punct": 23.0388,
+    "short_lines": -2.7182,
+    "dup_line_chars": -9.8707,
+    "top_2gram_chars": -19.5316,
+    "dup_5gram_chars": -8.1274,
+}
+
+
 @dataclass(frozen=True)
 class QualityParams:
     """The quality stage (daychat.data.quality): language ID, heuristic filters, a fastText quality
@@ -292,18 +306,29 @@ class QualityParams:
     max_dup_paragraph_chars: float = knob(0.2, min=0.0, max=1.0)
     max_top_ngram_chars: list[float] = knob([0.20, 0.18, 0.16])  # for n = 2, 3, 4, ...
     max_dup_ngram_chars: list[float] = knob([0.15, 0.14, 0.13, 0.12, 0.11, 0.10])  # for n = 5, 6, ...
+    # "score" (only when listed in `heuristics`): p(clean) = sigmoid(score_bias + sum of score_weights[s] x s)
+    # over the statistics of daychat.data.heuristics.STATISTICS; a document under min_score is dropped. The
+    # weights and cut-off are fitted and chosen by `python -m bench.heuristics` (README, "Data quality").
+    score_weights: dict[str, float] = field(default_factory=lambda: dict(SCORE_WEIGHTS))
+    score_bias: float = knob(-4.8447)
+    min_score: float = knob(0.797, min=0.0, max=1.0)
     # 3. Quality classifier (fastText, DCLM-style), trained in the stage on positives vs negatives. A
     # source is `input` (the documents that passed 1 and 2), `shuffled:<source>` (its words shuffled),
-    # `embedded:stdlib|packages`, `local:<path or glob>` (parquet, jsonl, jsonl.gz) or an http(s) URL of a
+    # `embedded:stdlib|packages|reference`, `local:<path or glob>` (parquet, jsonl, jsonl.gz, json) or an http(s) URL of a
     # parquet file (fetched through the download cache); `#a+b` joins fields a and b (default: text).
     classifier: bool = True
     classifier_positives: list[str] = knob([
-        "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/refs%2Fconvert%2Fparquet/default/train/0000.parquet#instruction+context+response",
-        "https://huggingface.co/datasets/Open-Orca/OpenOrca/resolve/main/1M-GPT4-Augmented.parquet#question+response",
+        "https://huggingface.co/datasets/sentence-transformers/eli5/resolve/main/pair/train-00000-of-00001.parquet#answer",
+        "https://huggingface.co/datasets/HuggingFaceTB/cosmopedia/resolve/refs%2Fconvert%2Fparquet/openstax/train/0000.parquet#text",
     ])
     classifier_negatives: list[str] = knob(["input"])
     classifier_max_docs: int = knob(100_000, min=2)  # per class, a seeded sample of each side's sources
-    classifier_doc_chars: int = knob(4000, min=100)  # characters of a document the classifier sees
+    # The classifier reads windows of classifier_window_words words (Gopher's 50-word minimum: every page the
+    # length filter keeps has one), newlines and case gone: one seeded window per document to train on, the
+    # median over up to classifier_windows evenly spaced windows to score, so that neither a document's length
+    # nor its line layout is a feature (daychat.data.quality, "What the classifier reads").
+    classifier_window_words: int = knob(50, min=8)
+    classifier_windows: int = knob(8, min=1)  # windows scored per document (their median is its score)
     classifier_holdout: float = knob(0.1, min=0.01, max=0.5)  # share of each class held out for precision/recall
     classifier_epochs: int = knob(5, min=1)
     classifier_lr: float = knob(0.1, min=0.0)
@@ -311,7 +336,8 @@ class QualityParams:
     classifier_word_ngrams: int = knob(2, min=1, max=5)
     classifier_buckets: int = knob(2_000_000, min=1000)  # hash buckets for word n-grams (the model's size)
     classifier_quantize: bool = False  # save a quantised model.ftz (~10x smaller; ~25 s of k-means per 100k buckets)
-    classifier_keep: str = knob("top_fraction", choices=("top_fraction", "threshold"))
+    # random: no classifier; a seeded random classifier_top_fraction is kept (the blind control of an ablation)
+    classifier_keep: str = knob("top_fraction", choices=("top_fraction", "threshold", "random"))
     classifier_threshold: float = knob(0.5, min=0.0, max=1.0)  # keep: threshold
     classifier_top_fraction: float = knob(0.8, min=0.0, max=1.0)  # keep: top_fraction (cut-off set on train, applied to val)
 
@@ -329,10 +355,15 @@ class QualityParams:
         if self.max_mean_word_length < self.min_mean_word_length:
             raise ParamsError("quality.max_mean_word_length",
                               f"must be >= min_mean_word_length ({self.min_mean_word_length}), got {self.max_mean_word_length}")
+        from daychat.data.heuristics import STATISTICS
+
+        unknown = [name for name in self.score_weights if name not in STATISTICS]
+        if unknown:
+            raise ParamsError("quality.score_weights", f"has unknown statistics {unknown} (known: {', '.join(STATISTICS)})")
         for key in ("max_top_ngram_chars", "max_dup_ngram_chars"):
             if any(not 0.0 <= value <= 1.0 for value in getattr(self, key)):
                 raise ParamsError(f"quality.{key}", f"must hold fractions in [0, 1], got {getattr(self, key)}")
-        if self.classifier_keep == "top_fraction" and self.classifier_top_fraction <= 0.0:
+        if self.classifier_keep in ("top_fraction", "random") and self.classifier_top_fraction <= 0.0:
             raise ParamsError("quality.classifier_top_fraction", "must be > 0 (it is the share of documents kept)")
         for key in ("classifier_positives", "classifier_negatives"):
             if self.classifier and not getattr(self, key):
@@ -676,6 +707,9 @@ def _coerce(key: str, value: Any, hint: Any, file: str) -> Any:
     if hint is dict or origin is dict:  # a mapping entry (e.g. an sft source): its section's check() validates it
         if not isinstance(value, dict):
             raise ParamsError(key, f"must be a mapping, got {value!r}", file)
+        args = typing.get_args(hint)
+        if args and args[1] in (int, float, str, bool):  # a typed mapping (e.g. quality.score_weights)
+            return {k: _coerce(f"{key}.{k}", v, args[1], file) for k, v in value.items()}
         return dict(value)
     if hint is bool:
         if not isinstance(value, bool):

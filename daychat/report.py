@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from daychat import provenance as prov
+from daychat.data import filter_ablation
 
 # The pipeline's stages in order with their metrics file: the ones not in dvc.yaml yet are listed as
 # missing too, so a report of an early run says what is still to come. dvc.yaml's own entries win.
@@ -63,6 +64,7 @@ class ReportInputs:
     core_tasks: Path | None = None  # core_eval's nested per-task details (reports/core/tasks.json)
     models: dict[str, Path] = field(default_factory=dict)  # {"base": models/base, "sft": models/sft}
     dropped: Path | None = None  # the quality stage's audit sample (data/filtered/dropped.parquet)
+    ablation: Path | None = None  # the filters' downstream ablation results (daychat.data.filter_ablation)
     params_file: Path | None = None
     dvc_yaml: Path | None = None
     dvc_lock: Path | None = None
@@ -80,6 +82,8 @@ class Collected:
     models: dict[str, Path]  # model folders that exist
     meta: dict[str, dict]  # model name -> meta.json
     dropped_examples: list[dict]
+    filter_effects: dict[str, Any]  # comparison -> filter_ablation.Effect; empty when not measured
+    ablation: Path | None  # where the results were looked for
     params_text: str
     params: dict
     provenance: dict
@@ -166,14 +170,17 @@ def collect(inputs: ReportInputs) -> Collected:
     params = yaml.safe_load(params_text) or {} if params_text else {}
     # sha256 of what this report was drawn from (a model by its weights; a folder with a manifest by it)
     read = [path for name, path in stages if name in metrics]
-    read += [inputs.curves, inputs.sft_curves, inputs.core_tasks, inputs.dropped, *(path / "model.pt" for path in models.values())]
+    read += [inputs.curves, inputs.sft_curves, inputs.core_tasks, inputs.dropped, inputs.ablation,
+             *(path / "model.pt" for path in models.values())]
     record = prov.provenance(inputs=[path for path in read if path and path.exists()], params=params)
     # DVC's own record of every stage's outputs, when asked for: current under `dvc repro` (written stage
     # by stage), a run behind under Snakemake (its onsuccess hook commits after the last rule)
     record["outputs"] = prov.dvc_lock_hashes(inputs.dvc_lock) if inputs.dvc_lock else {}
     return Collected(stages=stages, metrics=metrics, missing=missing, planned=planned & set(missing),
                      curves=read_curves(inputs.curves), sft_curves=read_curves(inputs.sft_curves), core_tasks=_read_json(inputs.core_tasks), models=models,
-                     meta=meta, dropped_examples=dropped_examples(inputs.dropped), params_text=params_text,
+                     meta=meta, dropped_examples=dropped_examples(inputs.dropped),
+                     filter_effects=filter_ablation.effects(filter_ablation.read_results(inputs.ablation)),
+                     ablation=inputs.ablation, params_text=params_text,
                      params=params, provenance=record)
 
 
@@ -520,6 +527,25 @@ def _header(c: Collected, lines: list[str]) -> None:
         lines += ["</details>", ""]
 
 
+def _filter_effects(c: Collected, m: dict[str, dict]) -> list[str]:
+    """Per quality filter: what it dropped and its measured downstream effect (or "not measured")."""
+    dropped = {k[len("dropped_"):]: v for k, v in (m.get("quality") or {}).items() if k.startswith("dropped_") and v}
+    if not dropped:
+        return []
+    lines = ["Each quality filter, and what it does to a model trained on what it leaves (the downstream ablation):", ""]
+    lines += _table(["quality filter", "documents dropped", "downstream effect"],
+                    [[reason.replace("_", " "), n, filter_ablation.effect_of_reason(reason, c.filter_effects)]
+                     for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1])])
+    if c.filter_effects:
+        lines += [f"Downstream effects from `{c.ablation}`: the difference of the variant with the filter minus the "
+                  "variant without it, paired by seed, with its 95% interval.", ""]
+    else:
+        where = f"`{c.ablation}` does not exist" if c.ablation else "no ablation results were given"
+        lines += [f"_Not measured: {where}. The ablation harness (`make ablate`) trains tiny models on each data "
+                  f"variant of daychat/data/filter_ablation.py and writes them._", ""]
+    return lines
+
+
 def render(c: Collected, samples: dict, p: Any, out_dir: Path, md: Path, link_dir: Path | None = None) -> dict[str, Any]:
     """Write the PNGs into `out_dir` and the markdown to `md`, its images linked under `link_dir` (default:
     `out_dir`; the stage draws into a temporary folder that becomes `link_dir`). Returns a flat summary."""
@@ -556,6 +582,7 @@ def render(c: Collected, samples: dict, p: Any, out_dir: Path, md: Path, link_di
         if reasons:
             lines += _table(["dropped by", "documents"], [[k, v] for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])])
         lines += image(plot_funnel(rows, reasons, out_dir / "funnel.png"), "data funnel")
+        lines += _filter_effects(c, m)
         if c.dropped_examples:
             lines += ["<details><summary>one dropped document per reason (quality audit sample)</summary>", ""]
             lines += _table(["reason", "why", "document", "text"],
@@ -689,4 +716,5 @@ def render(c: Collected, samples: dict, p: Any, out_dir: Path, md: Path, link_di
     return {"stages_done": len(m), "stages_missing": len(c.missing), "plots": len(plots), "samples": n_samples,
             "budget_used_h": total_s / 3600, "budget_share": total_s / (p.budget_h * 3600) if p.budget_h else None,
             "val_bpb": pretrain.get("val_bpb"),
-            "core": (m.get("core_eval") or {}).get("core", (m.get("core_eval") or {}).get("core_subset"))}
+            "core": (m.get("core_eval") or {}).get("core", (m.get("core_eval") or {}).get("core_subset")),
+            "filters_measured": len(c.filter_effects)}

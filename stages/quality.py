@@ -8,7 +8,9 @@ whole: data/filtered/ (the kept documents, same shards and split as the input, s
 framing and boilerplate, + manifest.json, + dropped.parquet: the dropped documents with reason, value
 and detail, all or a seeded sample), models/quality/ (model.ftz or model.bin + meta.json; only
 meta.json when the classifier is off) and flat metrics: docs_in, docs_out, dropped_<reason> for every
-reason, stripped_chars, classifier_precision/recall on the held-out split, docs_per_s, mb_per_s, seconds.
+reason, stripped_chars, classifier_precision/recall on the held-out windows, classifier_spearman_length
+and classifier_spearman_line_chars (the score against words and characters per line, over every scored
+document: near 0 means the classifier is not a length or layout detector), docs_per_s, mb_per_s, seconds.
 The cache folder (the download stage's) keeps classifier sources fetched over http(s).
 
 Per shard (what `snakemake --config per_shard=true` runs, one job per shard, see workflow/dag.py), the

@@ -4,17 +4,21 @@ point as the engines run it."""
 
 import hashlib
 import json
+import math
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from conftest import run_stage
-from daychat.data import quality
-from daychat.data.heuristics import HEURISTICS, Heuristics, strip_boilerplate, strip_gutenberg
+from daychat.data import quality, sources
+from daychat.data.heuristics import (HEURISTICS, STATISTICS, Heuristics, document_stats, quality_score,
+                                     strip_boilerplate, strip_gutenberg)
 from daychat.data.textshards import SCHEMA, ShardInfo, read_manifest, shard_paths, write_manifest
 from daychat.errors import UserError
 from daychat.params import ParamsError, parse_section
@@ -119,6 +123,9 @@ BAD = {
     "dup_paragraphs": ("dup_paragraphs", CLEAN + "\n\n" + "\n\n".join(["Thank you for reading.\nShare it with friends."] * 12)),
     "top_ngrams": ("top_ngrams", " ".join(f"{w} very good" for w in CLEAN.split())),
     "dup_ngrams": ("dup_ngrams", CLEAN + " " + " ".join([SENTENCES[0]] * 4)),
+    # the combined score: the same words as CLEAN, cut into 3-word lines without punctuation (a table, a menu)
+    "score": ("score", "\n".join(" ".join(w.strip(".,:;") for w in CLEAN.split()[i:i + 3])
+                                  for i in range(0, len(CLEAN.split()), 3))),
     "boilerplate": ("boilerplate", "Skip to content\n\nWe use cookies to improve your experience.\n\n"
                                    "Privacy policy | Terms of use\n\nCopyright (c) 2024 Example Ltd. All rights reserved.\n\n"
                                    "Hello, welcome to our site."),
@@ -143,6 +150,19 @@ def test_each_filter_drops_its_case(name):
     assert judge(CLEAN, params(heuristics=[name])) is None
 
 
+def test_document_stats_measure_what_the_filters_threshold():
+    page = "The cat sat on the mat.\nHome\nHome\n- a list item with the words of a longer line\nIs it?"
+    stats = document_stats(page)  # 5 lines of 23, 4, 4, 45, 6 characters; 21 words (the "-" is one)
+    assert list(stats) == list(STATISTICS)
+    assert stats["line_punct"] == pytest.approx(2 / 5) and stats["short_lines"] == pytest.approx(4 / 5)
+    assert stats["bullet_lines"] == pytest.approx(1 / 5) and stats["dup_line_chars"] == pytest.approx(4 / 82)
+    assert stats["stop_word_ratio"] == pytest.approx(5 / 21) and stats["log_words"] == pytest.approx(np.log1p(21))
+    assert stats["log_mean_line_chars"] == pytest.approx(np.log1p(82 / 5))
+    assert quality_score(stats, {"line_punct": 10.0}, -4.0) == pytest.approx(0.5)
+    with pytest.raises(ParamsError, match=r"quality.score_weights has unknown statistics \['lines'\]"):
+        params(score_weights={"lines": 1.0})
+
+
 def test_length_upper_bound_and_switches():
     assert judge(CLEAN, params(max_words=50)) == "too_long"
     assert judge(BAD["length"][1], params(heuristics=[])) is None  # every filter off: nothing is dropped
@@ -161,6 +181,25 @@ def test_boilerplate_is_stripped_and_the_document_kept():
     # a long paragraph that mentions a policy is prose: only nothing or its boilerplate line goes
     essay = " ".join([SENTENCES[1]] * 12) + " Our privacy policy changed in May."
     assert strip_boilerplate(essay) == (essay, 0)
+
+
+def test_boilerplate_lines_of_a_single_newline_page_go_and_the_page_stays():
+    # Web text often has no blank line at all: the whole page is one "paragraph". A footer or navigation
+    # line goes on its own, the content lines stay, and the page is not dropped as boilerplate.
+    content = CLEAN.replace("\n\n", "\n").replace(". ", ".\n")
+    page = ("Skip to main content\nHome\n" + content + "\nShare this:\nFacebook\n"
+            "Copyright © 2024 Example Ltd. All rights reserved.\nPrivacy Policy | Terms of Use")
+    text, stripped, drop = Heuristics(params()).strip(page)
+    assert drop is None and text == "Home\n" + content + "\nFacebook"
+    assert stripped == len(page) - len(text)
+    assert judge(page, params()) is None  # and every other filter keeps it
+    # a licence hard-wrapped over lines goes sentence by sentence, the rest of its paragraph stays
+    mit = ("Permission is hereby granted, free of charge, to any person obtaining a copy\nof this software and "
+           "associated documentation files, to deal\nin the Software without restriction.\nThe Software is a tool.")
+    assert strip_boilerplate(mit)[0] == "The Software is a tool."
+    caps = ('THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS\n"AS IS" AND ANY EXPRESS OR '
+            'IMPLIED WARRANTIES\nARE DISCLAIMED.\n\n' + CLEAN)
+    assert strip_boilerplate(caps)[0] == CLEAN
 
 
 def test_gutenberg_header_and_licence_are_stripped_and_the_book_kept():
@@ -223,27 +262,92 @@ def test_classifier_trains_on_a_separable_fixture_and_reports_held_out_scores(tm
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(_qa(i)) for i in range(200)) + "\n")
     pq.write_table(pa.table({"text": [_spam(i) for i in range(200)]}), tmp_path / "spam.parquet")
     p = offline(classifier_positives=[f"local:{tmp_path}/qa.jsonl#question+answer"],
-                classifier_negatives=[f"local:{tmp_path}/*.parquet"], classifier_holdout=0.2, classifier_epochs=20)
+                classifier_negatives=[f"local:{tmp_path}/*.parquet"], classifier_holdout=0.2, classifier_epochs=20,
+                classifier_window_words=16)  # the fixture's documents have 18-45 words
     ctx = quality.SourceContext([], tmp_path / "cache", p.seed)
     positives, pos_counts = quality.collect(p.classifier_positives, "quality.classifier_positives", p, ctx)
     negatives, neg_counts = quality.collect(p.classifier_negatives, "quality.classifier_negatives", p, ctx)
     assert list(pos_counts.values()) == [200] and list(neg_counts.values()) == [200]
-    assert "How should I" in positives[0] and "Start by reading" in positives[0]  # both fields, one line
+    # one window of 16 words per document: lower case, punctuation split off, no newline
+    assert all(len(line.split()) >= 16 and line == line.lower() and "\n" not in line for line in positives + negatives)
     report = quality.train_classifier(p, positives, negatives, tmp_path)
     assert report.holdout_docs == 40 and report.train_docs == 160
     assert report.precision >= 0.95 and report.recall >= 0.95
-    scorer = quality.Scorer(tmp_path / report.model_file, p.classifier_doc_chars)
-    scores = quality.hq_scores(scorer.model, [quality.text_sample(_spam(999), 4000), quality.text_sample(
-        "How should I bake bread at home? Start by reading the instructions carefully.", 4000)])
+    model = quality.Scorer(tmp_path / report.model_file, p.classifier_window_words, p.classifier_windows).model
+    scores = quality.hq_scores(model, [quality.classifier_line(text.split()) for text in (
+        _spam(999), "How should I bake bread at home? Start by reading the instructions carefully.")])
     assert scores[0] < 0.5 < scores[1]
 
 
-def test_classifier_sources_are_validated():
+def test_classifier_sources_are_validated(tmp_path, monkeypatch):
     for spec in ("embedded:numpy", "ftp://host/x.parquet", "https://host/data.jsonl", "local:x#a+", "web"):
         with pytest.raises(ParamsError, match="quality.classifier_positives"):
             params(classifier_positives=[spec])
     assert quality.parse_source("shuffled:local:a/*.jsonl#q+a") == quality.Source(
         "shuffled", inner=quality.Source("local", "a/*.jsonl", ("q", "a")))
+    # a .json list of records (alpaca_eval, GPTeacher), and the language reference alone out of stdlib
+    (tmp_path / "answers.json").write_text(json.dumps([{"instruction": "Why?", "output": "Because."}, {"output": "So."}]))
+    ctx = quality.SourceContext([], tmp_path, 0)
+    assert list(quality.read_source(quality.parse_source(f"local:{tmp_path}/*.json#output"), ctx)) == [
+        ("answers.json:0", "Because."), ("answers.json:1", "So.")]
+    (tmp_path / "bad.json").write_text(json.dumps({"output": "x"}))
+    with pytest.raises(UserError, match="bad.json: a .json source must hold a list of records"):
+        list(quality.read_source(quality.parse_source(f"local:{tmp_path}/bad.json"), ctx))
+    docs = [sources.Doc("python-reference/if", "The if statement.", "python-reference"),
+            sources.Doc("python-stdlib/os.py", "OS routines.", "python-stdlib")]
+    monkeypatch.setattr(sources, "embedded_documents", lambda parts, stats: iter(docs) if parts == ["stdlib"] else iter([]))
+    assert list(quality.read_source(quality.parse_source("embedded:reference"), ctx)) == [("python-reference/if", "The if statement.")]
+    assert len(list(quality.read_source(quality.parse_source("embedded:stdlib"), ctx))) == 2
+
+
+def _chunks(words: list[str], rng, low: int, high: int, n: int) -> list[str]:
+    starts_and_lengths = [(rng.randrange(len(words) - high), rng.randint(low, high)) for _ in range(n)]
+    return [" ".join(words[start:start + k]) for start, k in starts_and_lengths]
+
+
+def test_windowed_classifier_cannot_learn_length(tmp_path):
+    """Positives and negatives cut from the same books, differing only in length (positives 20-40 words,
+    negatives 300-900): the old whole-document classifier learns length (held-out precision ~1 with
+    nothing else to learn; Spearman of its score with length ~-0.5 to -0.7 on unseen text), the windowed
+    one cannot, and its score on documents of 20-900 words does not follow their length."""
+    books = [strip_gutenberg(t)[0] for t in pq.read_table(GUTENBERG / "shard_00000.parquet").slice(0, 8)["text"].to_pylist()]
+    words, unseen = " ".join(books[:6]).split(), " ".join(books[6:]).split()
+    rng = random.Random(0)
+    positives, negatives, test = _chunks(words, rng, 20, 40, 400), _chunks(words, rng, 300, 900, 400), _chunks(unseen, rng, 20, 900, 600)
+    length = [len(t.split()) for t in test]
+    for name, docs in (("pos", positives), ("neg", negatives)):
+        pq.write_table(pa.table({"text": docs}), tmp_path / f"{name}.parquet")
+    p = offline(classifier_positives=[f"local:{tmp_path}/pos.parquet"], classifier_negatives=[f"local:{tmp_path}/neg.parquet"],
+                classifier_window_words=20, classifier_epochs=20, classifier_max_docs=1000)
+
+    (tmp_path / "old").mkdir()
+    old = quality.train_classifier(p, [quality.text_sample(t, 4000) for t in positives],
+                                   [quality.text_sample(t, 4000) for t in negatives], tmp_path / "old")
+    old_model = quality._fasttext().load_model(str(tmp_path / "old" / old.model_file))
+    old_rho = quality.spearman(quality.hq_scores(old_model, [quality.text_sample(t, 4000) for t in test]), length)
+    assert old.precision > 0.9 and old_rho < -0.3  # what this test would catch
+
+    ctx = quality.SourceContext([], tmp_path, p.seed)
+    lines = [quality.collect(specs, "k", p, ctx)[0] for specs in (p.classifier_positives, p.classifier_negatives)]
+    assert all(len(line.split()) >= 20 and line == line.lower() for line in lines[0] + lines[1])  # 20 words, + punctuation
+    (tmp_path / "new").mkdir()
+    new = quality.train_classifier(p, *lines, tmp_path / "new")
+    write_dataset(tmp_path / "test", {"train": test, "val": test[:1]})
+    scored = quality.Scorer(tmp_path / "new" / new.model_file, p.classifier_window_words, p.classifier_windows).run(
+        quality.plan_chunks([tmp_path / "test/shard_00000.parquet"], read_manifest(tmp_path / "test")[:1])[0])
+    assert list(scored.words) == length
+    assert abs(quality.spearman(scored.scores, length)) < 0.15
+    assert quality.spearman(np.arange(5.0), np.array([1.0, 3, 2, 5, 4])) == pytest.approx(0.8)
+    assert quality.spearman(np.ones(4), np.arange(4.0)) is None
+
+
+def test_window_starts_cover_the_document_without_overlap():
+    assert quality.window_starts(0, 50, 8) == [] and quality.window_starts(30, 50, 8) == [0]
+    assert quality.window_starts(99, 50, 8) == [0]
+    assert quality.window_starts(1000, 50, 8) == [0, 136, 271, 407, 543, 679, 814, 950]
+    assert quality.window_starts(160, 50, 8) == [0, 55, 110]
+    assert quality.window_starts(1000, 50, 1) == [475]
+    assert quality.classifier_line("Hello,\nWorld!  It's  ok.".split()) == "hello , world ! it's ok ."
 
 
 def test_params_reject_thresholds_out_of_range():
@@ -253,6 +357,14 @@ def test_params_reject_thresholds_out_of_range():
         params(max_top_ngram_chars=[0.2, 1.2])
     with pytest.raises(ParamsError, match=r"quality.heuristics has unknown filters \['stopwords'\]"):
         params(heuristics=["stopwords"])
+    with pytest.raises(ParamsError, match=r"quality.classifier_window_words must be >= 8"):
+        params(classifier_window_words=4)
+    with pytest.raises(ParamsError, match=r"quality.classifier_windows must be >= 1"):
+        params(classifier_windows=0)
+    with pytest.raises(ParamsError, match=r"quality.classifier_keep must be one of top_fraction, threshold, random"):
+        params(classifier_keep="best")
+    with pytest.raises(ParamsError, match=r"quality.classifier_top_fraction must be > 0"):
+        params(classifier_keep="random", classifier_top_fraction=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,6 +395,18 @@ def test_filter_dataset_is_deterministic_and_independent_of_workers(mixed, tmp_p
     assert set(audit["reason"].to_pylist()) <= set(quality.ALL_REASONS)
     kept = {i for path in shard_paths(out) for i in pq.read_table(path)["id"].to_pylist()}
     assert not kept & set(audit["id"].to_pylist())
+
+
+def test_random_keep_drops_as_many_as_the_classifier_would(mixed, tmp_path):
+    """classifier_keep: random, the blind control of a filter ablation: no model, the same top fraction of
+    the train split kept (ceil(fraction x survivors)), chosen by a seeded draw per document."""
+    result = run_filter(offline(classifier_keep="random", classifier_top_fraction=0.7), mixed, tmp_path)
+    audit = pq.read_table(tmp_path / "filtered" / quality.AUDIT_FILE).to_pylist()
+    train_kept = sum(s.rows for s in read_manifest(tmp_path / "filtered") if s.split == "train")
+    train_dropped = sum(1 for row in audit if row["reason"] == "classifier" and row["split"] == "train")
+    assert train_kept == math.ceil(0.7 * (train_kept + train_dropped)) and train_dropped > 0
+    assert all(row["detail"].startswith("random draw") for row in audit if row["reason"] == "classifier")
+    assert result.classifier is None and "random" in result.summary()
 
 
 def test_audit_sample_is_seeded(mixed, tmp_path):
@@ -345,12 +469,19 @@ def test_stage_writes_outputs_metrics_and_model(tmp_path):
     for key in ("docs_in", "docs_out", "stripped_chars", "classifier_precision", "classifier_recall",
                 "docs_per_s", "mb_per_s", "seconds", *(f"dropped_{r}" for r in quality.ALL_REASONS)):
         assert key in metrics, key
+    for key in ("classifier_spearman_length", "classifier_spearman_line_chars"):  # measured on every scored document
+        assert -1.0 <= metrics[key] <= 1.0 and metrics[key] == meta_of(ws)[key.removeprefix("classifier_")]
+    assert "Spearman with length" in proc.stdout
     assert metrics["docs_in"] == 240 and 0 < metrics["docs_out"] < 240
     meta = json.loads((ws / "models/quality/meta.json").read_text())
     assert meta["enabled"] and (ws / "models/quality" / meta["model"]).is_file()
     assert meta["holdout_docs"] == metrics["classifier_holdout_docs"] > 0
     assert [s.rows for s in read_manifest(ws / "data/filtered")] != [0, 0]
     assert not list((ws / "data/filtered").glob(".*"))  # no scratch folder or temporary file left
+
+
+def meta_of(ws: Path) -> dict:
+    return json.loads((ws / "models/quality/meta.json").read_text())
 
 
 def test_stage_empty_input_exits_2_with_one_line(tmp_path):
@@ -392,9 +523,11 @@ TIMINGS = {"lid_cpu_s", "heuristics_cpu_s", "classifier_train_s", "classifier_sc
            "seconds"}
 
 
-@pytest.mark.parametrize("classifier", [True, False])
-def test_parts_then_gather_is_byte_identical_to_the_plain_run(sharded, tmp_path, classifier):
-    p = offline(classifier=classifier, audit_fraction=0.5, min_words=400)  # pass A drops some in most chunks
+@pytest.mark.parametrize("keep", ["top_fraction", "random", "off"])
+def test_parts_then_gather_is_byte_identical_to_the_plain_run(sharded, tmp_path, keep):
+    classifier = keep != "off"
+    p = offline(classifier=classifier, classifier_keep="top_fraction" if keep == "off" else keep, audit_fraction=0.5,
+                min_words=400)  # pass A drops some in most chunks
     plain = run_filter(p, sharded, tmp_path / "plain")
     parts = tmp_path / "parts"
     for shard in read_manifest(sharded):
@@ -410,6 +543,10 @@ def test_parts_then_gather_is_byte_identical_to_the_plain_run(sharded, tmp_path,
     m = plain.metrics()
     assert (m["dropped_classifier"] > 0) == classifier and m["docs_out"] > 0
     assert classifier or not list((parts / "shard_00000").glob(".*"))  # nothing left half-written in a part
+    assert (m["classifier_spearman_length"] is not None) == (keep == "top_fraction")
+    if keep == "random":
+        meta = json.loads((tmp_path / "plain/model/meta.json").read_text())
+        assert not meta["enabled"] and "random" in meta["note"] and not (tmp_path / "plain/model/model.bin").exists()
     if classifier:
         return
     # an unknown shard, a part made with other params, a missing part: one line each

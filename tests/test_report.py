@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from daychat import provenance
-from daychat.params import ReportParams
+from daychat.data import filter_ablation
+from daychat.params import ReportParams, parse_section
 from daychat.report import ReportInputs, collect, render
 from workflow import workspace
 
@@ -81,6 +82,60 @@ def test_partial_workspace_reports_what_is_missing(tmp_path):
     assert not (tmp_path / "reports" / "report" / "training_steps.png").exists()
     summary = json.loads((tmp_path / "reports" / "metrics" / "report.json").read_text())
     assert summary["stages_done"] == 3 and summary["stages_missing"] >= 4 and summary["val_bpb"] is None
+
+
+def test_each_quality_filter_shows_its_downstream_effect_or_not_measured(tmp_path):
+    for stage, metrics in DATA_METRICS.items():
+        write_json(tmp_path / "reports" / "metrics" / f"{stage}.json", metrics)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": {"prompts": []}}))
+    report_stage(tmp_path, "--ablation", "reports/ablate.json")
+    md = (tmp_path / "reports" / "report.md").read_text()
+    assert "| classifier | 100 | not measured |" in md and "| dup ngrams | 90 | not measured |" in md
+    assert "_Not measured: `reports/ablate.json` does not exist." in md
+
+    # the harness's results: eval bpb per seed of each data variant (daychat/data/filter_ablation.py)
+    write_json(tmp_path / "reports" / "ablate.json", {"metric": "eval_bpb", "lower_is_better": True, "variants": {
+        "dedup_only": {"values": [2.10, 2.12, 2.11]}, "heuristics": {"values": [2.00, 2.01, 2.02]},
+        "heuristics_classifier": {"values": [2.01, 2.00, 2.03]}, "random_drop": {"values": [2.08, 2.08, 2.09]}}})
+    report_stage(tmp_path, "--ablation", "reports/ablate.json")
+    md = (tmp_path / "reports" / "report.md").read_text()
+    heuristics = "eval_bpb -0.1000 [-0.1248, -0.0752] over 3 seeds: helps"
+    assert f"| dup ngrams | 90 | {heuristics} |" in md and f"| too short | 100 | {heuristics} |" in md
+    classifier = md.split("| classifier | 100 | ")[1].split("\n")[0]
+    assert classifier.startswith("eval_bpb +0.0033") and "within noise; vs a random drop: eval_bpb -0.0700" in classifier
+    assert classifier.endswith("helps |")
+    assert json.loads((tmp_path / "reports/metrics/report.json").read_text())["filters_measured"] == 3
+
+
+def test_filter_ablation_variants_and_effects():
+    assert filter_ablation.overrides("dedup_only") == ["quality.lid=false", "quality.heuristics=[]",
+                                                       "quality.strip_gutenberg=false", "quality.classifier=false"]
+    assert filter_ablation.overrides("random_drop") == ["quality.classifier=true", "quality.classifier_keep=random"]
+    for variant in filter_ablation.VARIANTS:  # every override is a valid quality param
+        section = {k.split(".", 1)[1]: v for k, v in filter_ablation.VARIANTS[variant].items()}
+        parse_section("quality", section)
+    assert filter_ablation.read_results(None) is None and filter_ablation.effects(None) == {}
+    only_means = {"variants": {"heuristics": {"mean": 2.0, "seeds": 2}, "dedup_only": {"mean": 2.5, "seeds": 2}}}
+    (effect,) = filter_ablation.effects(only_means).values()
+    assert effect.diff == -0.5 and effect.ci95 is None and effect.helps() is None
+
+
+def test_filter_ablation_reads_the_harness_list_of_runs(tmp_path):
+    """The ablation harness's own results.json: one record per run; the short budget of the scale that has
+    the filter variants, paired on the seeds every variant has, by heldout_bpb when all runs report it."""
+    runs = [{"variant": v, "seed": seed, "scale": "d4x128", "budget": "short",
+             "metrics": {"val_bpb": 9.0, "heldout_bpb": base + 0.01 * seed}}
+            for v, base in (("dedup_only", 2.2), ("heuristics", 2.1)) for seed in (0, 1, 2)]
+    runs += [{"variant": "heuristics", "seed": 3, "scale": "d4x128", "budget": "short", "metrics": {"heldout_bpb": 0.0}},
+             {"variant": "dedup_only", "seed": 0, "scale": "d4x128", "budget": "long", "metrics": {"heldout_bpb": 0.0}},
+             {"variant": "baseline", "seed": 0, "scale": "d4x128", "budget": "short", "metrics": {"heldout_bpb": 0.0}}]
+    (tmp_path / "results.json").write_text(json.dumps(runs))
+    results = filter_ablation.read_results(tmp_path / "results.json")
+    assert results["metric"] == "heldout_bpb" and results["variants"]["heuristics"]["values"] == [2.1, 2.11, 2.12]
+    (effect,) = filter_ablation.effects(results).values()
+    assert effect.diff == pytest.approx(-0.1) and effect.seeds == 3 and effect.helps()
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert filter_ablation.read_results(tmp_path / "bad.json") is None
 
 
 def test_curves_and_core_subset_render(tmp_path):

@@ -16,6 +16,11 @@ defaults are the published ones:
   <= 15/14/13/12/11/10%. FineWeb (Penedo et al. 2024) keeps these Gopher filters as they are.
 - C4 (Raffel et al. 2020): a page with "lorem ipsum" is dropped; lines about JavaScript, cookies and
   policies are removed from the page (the "boilerplate" filter below strips them, see BOILERPLATE).
+- "score": one logistic score over the statistics the filters above threshold one by one (and FineWeb's
+  line statistics: the share of lines ending in punctuation, of lines of 30 characters or fewer), see
+  STATISTICS and `document_stats`. Each threshold alone is set so low that it only catches the worst
+  pages; the score weighs all of them at once. Its weights and cut-off come from `python -m
+  bench.heuristics` (what that measurement shows, and does not, is in the README's "Data quality").
 
 "Words" are whitespace-separated tokens; where a filter measures words (mean length, stop words, share
 with a letter) it trims their punctuation and ignores tokens that are punctuation only. Splitting on
@@ -36,7 +41,7 @@ from daychat.params import QualityParams
 # Names usable in `quality.heuristics`, in the order they run (cheap first); each is also its drop reason,
 # except "length", which drops as too_short or too_long.
 HEURISTICS = ("boilerplate", "length", "mean_word_length", "symbol_ratio", "alpha_words", "stop_words",
-              "bullet_lines", "ellipsis_lines", "dup_lines", "dup_paragraphs", "top_ngrams", "dup_ngrams")
+              "bullet_lines", "ellipsis_lines", "dup_lines", "dup_paragraphs", "top_ngrams", "dup_ngrams", "score")
 REASONS = ("boilerplate", "too_short", "too_long", *HEURISTICS[2:])
 
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))  # Gopher's list
@@ -105,9 +110,15 @@ _BOILERPLATE_KEYS = ("cookie", "privacy policy", "terms of use", "terms of servi
                      "all rights reserved", "copyright", "spdx-license-identifier", "licensed under the",
                      "permission is hereby granted", "redistribution and use", "this program is free software",
                      "and any express", "code of conduct")
-# The unit stripped around a boilerplate phrase is its paragraph when that is at most this long (a
-# licence block wrapped over lines), else only its line; a longer line with the phrase is kept as prose.
+# The unit stripped around a boilerplate phrase is its sentence as laid out in lines: the line, joined
+# with the lines its sentence is hard-wrapped onto (see _wrapped_units). A single-newline web page, where
+# every line is its own sentence, heading or menu item, loses only its footer or navigation line ("Share
+# this:", "Copyright © ..."); a licence wrapped at 72-80 columns goes as a whole sentence. A unit longer
+# than this is kept: a phrase inside a long run of text is prose that mentions a policy, not a notice.
 BOILERPLATE_UNIT_CHARS = 1500
+# A line that ends with one of these (closing quotes or brackets aside) ends its sentence.
+_SENTENCE_END = re.compile(r"[.!?:][\"'”’»)\]*]*\s*$")
+_FIRST_LETTER = re.compile(r"[^\W\d_]")
 
 
 def has_boilerplate(text: str) -> bool:
@@ -120,8 +131,35 @@ def has_lorem_ipsum(text: str) -> bool:
     return "lorem ipsum" in text.lower()
 
 
+def _continues(previous: str, line: str) -> bool:
+    """Whether `line` carries on the sentence of `previous` (a hard wrap, not a new line of content): the
+    previous line does not end a sentence, and this one starts in lower case ("...obtaining a copy\nof
+    this software") or both are in capitals (the BSD and MIT disclaimers)."""
+    if not previous.strip() or _SENTENCE_END.search(previous):
+        return False
+    first = _FIRST_LETTER.search(line)
+    if first is None:
+        return False
+    if first.group().islower():
+        return True
+    return not any(c.islower() for c in previous) and not any(c.islower() for c in line)
+
+
+def _wrapped_units(paragraph: str) -> list[str]:
+    """The paragraph's lines grouped into units, a line joining the previous unit when it continues its
+    sentence (see _continues); joined back with newlines they give the paragraph again."""
+    units: list[list[str]] = []
+    for line in paragraph.split("\n"):
+        if units and _continues(units[-1][-1], line):
+            units[-1].append(line)
+        else:
+            units.append([line])
+    return ["\n".join(unit) for unit in units]
+
+
 def strip_boilerplate(text: str) -> tuple[str, int]:
-    """Text without its boilerplate paragraphs and lines (see BOILERPLATE), and how many characters went."""
+    """Text without its boilerplate lines (see BOILERPLATE, and BOILERPLATE_UNIT_CHARS for what a line
+    is), and how many characters went. A paragraph left empty goes with its break."""
     lower = text.lower()
     hits = [i for key in _BOILERPLATE_KEYS for i in _find_all(lower, key)]
     if not hits:  # the common case, found at GB/s
@@ -136,11 +174,11 @@ def strip_boilerplate(text: str) -> tuple[str, int]:
     for i, (paragraph, brk) in enumerate(zip(pieces[::2], pieces[1::2] + [""])):
         if i not in suspects or not has_boilerplate(paragraph):
             kept += [paragraph, brk]
-        elif len(paragraph) > BOILERPLATE_UNIT_CHARS:
-            lines = [line for line in paragraph.split("\n")
-                     if len(line) > BOILERPLATE_UNIT_CHARS or not has_boilerplate(line)]
-            if lines:
-                kept += ["\n".join(lines), brk]
+            continue
+        units = [unit for unit in _wrapped_units(paragraph)
+                 if len(unit) > BOILERPLATE_UNIT_CHARS or not has_boilerplate(unit)]
+        if any(unit.strip() for unit in units):
+            kept += ["\n".join(units).strip("\n"), brk]
     cleaned = "".join(kept).strip()
     return cleaned, len(text) - len(cleaned)
 
@@ -151,6 +189,66 @@ def _find_all(text: str, key: str) -> list[int]:
         found.append(i)
         i = text.find(key, i + 1)
     return found
+
+
+# ----------------------------------------------------------------------------------------------------
+# Document statistics: what the filters threshold, as numbers, for the combined score
+
+# Every statistic the score can weigh, in the order `document_stats` returns them. Lengths enter as logs
+# (the difference between 50 and 500 words matters, between 5,000 and 50,000 much less).
+STATISTICS = ("log_words", "mean_word_length", "stop_word_ratio", "alpha_words", "symbol_ratio",
+              "log_mean_line_chars", "line_punct", "short_lines", "bullet_lines", "ellipsis_lines",
+              "dup_line_chars", "top_2gram_chars", "dup_5gram_chars")
+# FineWeb's own filters (Penedo et al. 2024; datatrove's FineWebQualityFilter) keep a page when >= 12% of
+# its lines end in punctuation and <= 67% of them have 30 characters or fewer: its two line statistics.
+SHORT_LINE_CHARS = 30
+_LINE_END_PUNCT = (".", "!", "?", '"', "'", "”", "’", ")", ":", "…")
+
+
+def document_stats(text: str, words: Words | None = None) -> dict[str, float]:
+    """The STATISTICS of one document (of the text as it would be kept: after stripping)."""
+    words = words or Words(text)
+    n = max(words.count, 1)
+    real = words.core_lengths > 0
+    real_count = int(words.freq[real].sum())
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    n_lines = max(len(lines), 1)
+    repeated = _repeated_chars(lines)
+    return {
+        "log_words": float(np.log1p(words.count)),
+        "mean_word_length": float((words.freq * words.core_lengths).sum() / real_count) if real_count else 0.0,
+        "stop_word_ratio": float(words.freq[words.is_stop_word].sum() / n),
+        "alpha_words": float(words.freq[words.has_letter].sum() / real_count) if real_count else 0.0,
+        "symbol_ratio": max(text.count("#"), sum(text.count(e) for e in ELLIPSES)) / n,
+        "log_mean_line_chars": float(np.log1p(sum(map(len, lines)) / n_lines)),
+        "line_punct": sum(line.endswith(_LINE_END_PUNCT) for line in lines) / n_lines,
+        "short_lines": sum(len(line) <= SHORT_LINE_CHARS for line in lines) / n_lines,
+        "bullet_lines": sum(line.startswith(BULLETS) for line in lines) / n_lines,
+        "ellipsis_lines": sum(line.endswith(ELLIPSES) for line in lines) / n_lines,
+        "dup_line_chars": repeated,
+        "top_2gram_chars": top_ngram_char_fraction(words, 2),
+        "dup_5gram_chars": dup_ngram_char_fraction(words, 5),
+    }
+
+
+def _repeated_chars(items: list[str]) -> float:
+    """Share of the characters of `items` in items that repeat an earlier one."""
+    seen: set[str] = set()
+    repeat = total = 0
+    for item in items:
+        total += len(item)
+        if item in seen:
+            repeat += len(item)
+        else:
+            seen.add(item)
+    return repeat / total if total else 0.0
+
+
+def quality_score(stats: dict[str, float], weights: dict[str, float], bias: float) -> float:
+    """p(clean) of a logistic model: sigmoid(bias + sum of weight x statistic), in [0, 1]."""
+    z = bias + sum(w * stats[name] for name, w in weights.items())
+    return float(1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0))))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,6 +341,8 @@ class Heuristics:
             return drop
         if "dup_ngrams" in on and (drop := self._dup_ngrams(words)):
             return drop
+        if "score" in on and (drop := self._score(text, words)):
+            return drop
         return None
 
     # word-level
@@ -319,6 +419,15 @@ class Heuristics:
                 return Drop("dup_ngrams", share, f"repeated {n}-grams cover {share:.1%} of the characters > {limit:.0%}")
             if share <= min(limits[i + 1:], default=1.0):
                 break
+        return None
+
+
+    # combined
+
+    def _score(self, text: str, words: Words) -> Drop | None:
+        score = quality_score(document_stats(text, words), self.p.score_weights, self.p.score_bias)
+        if score < self.p.min_score:
+            return Drop("score", score, f"heuristic score {score:.3f} < {self.p.min_score:g}")
         return None
 
 

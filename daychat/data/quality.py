@@ -17,9 +17,14 @@ Three parts, each on/off in params, each counting what it drops (the reasons are
    as `language`, not as `mean_word_length`.
 3. Classifier (`classifier`), DCLM-style (Li et al. 2024, "DataComp-LM": a fastText classifier on word
    bigrams, instruction/answer text against web text, keep the top-scored documents; no teacher model):
-   trained here on `classifier_positives` against `classifier_negatives`, evaluated on a held-out split
-   (precision / recall in the metrics), then every document that passed 1 and 2 is scored and kept
-   above a threshold or in the top fraction; the cut-off is set on the train split and applied to val.
+   trained here on `classifier_positives` against `classifier_negatives`, one window of
+   `classifier_window_words` words per document so that it cannot learn length or layout (see "What the
+   classifier reads" below), evaluated on held-out windows (precision / recall in the metrics), then
+   every document that passed 1 and 2 is scored (the median over its windows) and kept above a threshold
+   or in the top fraction; the cut-off is set on the train split and applied to val. The metrics also
+   hold the Spearman correlation of the score with length and with line layout over every scored
+   document. `classifier_keep: random` trains nothing and keeps a seeded random top fraction instead:
+   the blind control of the filters' ablation (daychat/data/filter_ablation.py).
 
 The data is read in chunks (parquet row groups) by `workers` processes and written back in input order,
 so the outputs do not depend on the number of workers:
@@ -51,6 +56,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -320,6 +326,11 @@ def plan_chunks(paths: list[Path], shards: list[ShardInfo]) -> list[Chunk]:
 # Classifier sources
 
 
+# embedded:<part>: the download stage's offline text (daychat.data.sources), or `reference`, the part of
+# stdlib that is Python's language reference (pydoc_data: ~80 topics of explanatory prose, ~65k words)
+EMBEDDED_PARTS = ("stdlib", "packages", "reference")
+
+
 @dataclass(frozen=True)
 class Source:
     kind: str  # input | shuffled | embedded | local | url
@@ -329,7 +340,7 @@ class Source:
 
 
 def parse_source(spec: str, key: str = "quality.classifier_positives") -> Source:
-    """`input`, `shuffled:<source>`, `embedded:stdlib|packages`, `local:<path or glob>[#a+b]`,
+    """`input`, `shuffled:<source>`, `embedded:stdlib|packages|reference`, `local:<path or glob>[#a+b]`,
     `https://.../file.parquet[#a+b]`. A ParamsError naming `key` when it is none of these."""
     if spec == "input":
         return Source("input")
@@ -337,8 +348,9 @@ def parse_source(spec: str, key: str = "quality.classifier_positives") -> Source
         return Source("shuffled", inner=parse_source(spec.removeprefix("shuffled:"), key))
     if spec.startswith("embedded:"):
         part = spec.removeprefix("embedded:")
-        if part not in ("stdlib", "packages"):
-            raise ParamsError(key, f"embedded source must be embedded:stdlib or embedded:packages, got {spec!r}")
+        if part not in EMBEDDED_PARTS:
+            raise ParamsError(key, f"embedded source must be one of {', '.join(f'embedded:{x}' for x in EMBEDDED_PARTS)}, "
+                                   f"got {spec!r}")
         return Source("embedded", part)
     location, _, fields = spec.partition("#")
     names = tuple(fields.split("+")) if fields else ("text",)
@@ -351,7 +363,7 @@ def parse_source(spec: str, key: str = "quality.classifier_positives") -> Source
             raise ParamsError(key, f"a URL source must be a .parquet file (Hugging Face serves any dataset as "
                                    f"parquet under refs%2Fconvert%2Fparquet), got {spec!r}")
         return Source("url", location, names)
-    raise ParamsError(key, f"must be input, shuffled:<source>, embedded:stdlib|packages, local:<path or glob> "
+    raise ParamsError(key, f"must be input, shuffled:<source>, embedded:stdlib|packages|reference, local:<path or glob> "
                            f"or an http(s) URL of a parquet file, got {spec!r}")
 
 
@@ -374,8 +386,10 @@ def read_source(source: Source, ctx: SourceContext) -> Iterator[tuple[str, str]]
         for key, text in read_source(source.inner, ctx):
             yield key, shuffle_words(text, key, ctx.seed)
     elif source.kind == "embedded":
-        for doc in sources.embedded_documents([source.location], sources.Stats()):
-            yield doc.id, doc.text
+        reference = source.location == "reference"  # the language reference alone, out of stdlib
+        for doc in sources.embedded_documents(["stdlib" if reference else source.location], sources.Stats()):
+            if not reference or doc.source == "python-reference":
+                yield doc.id, doc.text
     elif source.kind == "local":
         for path in _local_files(source.location):
             yield from _records(path, source.fields)
@@ -396,8 +410,8 @@ def _local_files(pattern: str) -> list[Path]:
     if not files:
         raise UserError(f"quality classifier source local:{pattern}: no files match (in {Path.cwd()})")
     for f in files:
-        if not f.name.endswith((".parquet", ".jsonl", ".jsonl.gz")):
-            raise UserError(f"quality classifier source local:{pattern}: {f} is not .parquet, .jsonl or .jsonl.gz")
+        if not f.name.endswith((".parquet", ".jsonl", ".jsonl.gz", ".json")):
+            raise UserError(f"quality classifier source local:{pattern}: {f} is not .parquet, .jsonl, .jsonl.gz or .json")
     return files
 
 
@@ -411,8 +425,9 @@ def _fetch(url: str, fields: tuple[str, ...], cache: Path) -> Path:
 
 
 def _records(path: Path, fields: tuple[str, ...]) -> Iterator[tuple[str, str]]:
-    """(key, the fields joined by a blank line) per record of a parquet or jsonl(.gz) file. The download
-    stage's readers take one text field; instruction data keeps the question and the answer apart."""
+    """(key, the fields joined by a blank line) per record of a parquet, jsonl(.gz) or .json file (a list of
+    records, as alpaca_eval and GPTeacher ship). The download stage's readers take one text field;
+    instruction data keeps the question and the answer apart."""
     if path.name.endswith(".parquet"):
         pf = pq.ParquetFile(path)
         missing = [f for f in fields if f not in pf.schema_arrow.names]
@@ -424,6 +439,18 @@ def _records(path: Path, fields: tuple[str, ...]) -> Iterator[tuple[str, str]]:
             for values in zip(*(batch.column(f).to_pylist() for f in fields)):
                 yield f"{path.name}:{row}", _join(values)
                 row += 1
+        return
+    if path.name.endswith(".json"):
+        try:
+            records = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(records, list):
+            raise UserError(f"{path}: a .json source must hold a list of records, got a {type(records).__name__}")
+        for i, record in enumerate(records):
+            if not isinstance(record, dict) or not any(f in record for f in fields):
+                raise UserError(f"{path}: record {i} has none of the fields {', '.join(fields)}; name them after '#' in the source")
+            yield f"{path.name}:{i}", _join(record.get(f) for f in fields)
         return
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8", errors="replace") as lines:
@@ -444,39 +471,133 @@ def _join(values: Iterable) -> str:
 
 
 class SeededSample:
-    """The `size` items with the smallest seeded hash of their key: a uniform sample that does not
-    depend on reading order, in memory bounded by `size` (each item is one fastText line)."""
+    """The `size` items with the smallest seeded hash of their key among those that make a line: a uniform
+    sample that does not depend on reading order, in memory bounded by `size` (each item is one fastText
+    line). `line_of(key, text)` is only called for an item that would enter the sample; "" leaves it out."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.seed = size, seed
         self._heap: list[tuple[int, str, str]] = []  # (-hash, key, line): the root is the largest hash kept
         self.seen = 0
 
-    def offer(self, key: str, text: str, doc_chars: int) -> None:
+    def offer(self, key: str, text: str, line_of: Callable[[str, str], str]) -> None:
         self.seen += 1
         h = _hash(key, self.seed)
+        if len(self._heap) >= self.size and h >= -self._heap[0][0]:
+            return
+        line = line_of(key, text)
+        if not line:
+            return
         if len(self._heap) < self.size:
-            heappush(self._heap, (-h, key, text_sample(text, doc_chars)))
-        elif h < -self._heap[0][0]:
-            heappushpop(self._heap, (-h, key, text_sample(text, doc_chars)))
+            heappush(self._heap, (-h, key, line))
+        else:
+            heappushpop(self._heap, (-h, key, line))
 
     def lines(self) -> list[str]:
-        """Kept items, smallest hash first (a random order, fixed by the seed); empty texts left out."""
-        return [line for _, _, line in sorted(self._heap, reverse=True) if line]
+        """Kept items, smallest hash first (a random order, fixed by the seed)."""
+        return [line for _, _, line in sorted(self._heap, reverse=True)]
 
 
 def collect(specs: list[str], key: str, p: QualityParams, ctx: SourceContext) -> tuple[list[str], dict[str, int]]:
-    """A seeded sample of up to classifier_max_docs documents over all of one side's sources, and how
-    many documents each source had."""
+    """One window each (see `training_line`) of a seeded sample of up to classifier_max_docs documents over
+    all of one side's sources, and how many documents each source had (documents shorter than a window
+    included, though they cannot be sampled)."""
     sample = SeededSample(p.classifier_max_docs, p.seed)
     counts = {}
+
+    def line_of(doc_key: str, text: str) -> str:
+        return training_line(doc_key, text, p.classifier_window_words, p.seed)
+
     for i, spec in enumerate(specs):
         source = parse_source(spec, f"{key}[{i}]")
         before = sample.seen
         for doc_key, text in progress(read_source(source, ctx), desc=f"classifier data {spec[:40]}", unit="doc"):
-            sample.offer(f"{spec}\0{doc_key}", text or "", p.classifier_doc_chars)
+            sample.offer(f"{spec}\0{doc_key}", text or "", line_of)
         counts[spec] = sample.seen - before
     return sample.lines(), counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the classifier reads: windows of words, without layout
+#
+# Trained on whole documents, a classifier learns whatever tells its two sides apart, and the cheapest
+# tells are length and layout: short instruction answers against long web pages taught the first one
+# here to rank 5-30-word fragments highest (Spearman -0.46 between its score and length, issue 18). So
+# every training line is one window of exactly `classifier_window_words` words from one document: one per
+# document, starting at any word (a seeded position), so that a long document weighs as much as a short
+# one and a short one's window does not always start where it starts (fastText also appends an
+# end-of-line token to every line, whose weight in the average falls with the line's length: lines of
+# one length give it nothing to learn). A document's score is the median over up to `classifier_windows`
+# evenly spaced windows. Not the max: the max of more draws is larger, so longer documents would score
+# higher by construction. Not the mean either: window scores are skewed (most windows of real text look
+# alike, a few are code or tables), so the mean of 8 sits below a single draw's median and long documents
+# would rank low (measured on the demo: Spearman with length -0.30 with the mean, -0.17 with the median).
+# More training windows per document were tried once on the mixed corpus (AlpacaEval answers as
+# positives): all of a document's windows up to 8 gives long documents more weight (Spearman +0.30 with
+# length), 8 windows for every document gives short ones' words more (+0.32); one window: +0.06.
+# Newlines, whitespace runs and case are gone from every line, and punctuation marks are tokens of their
+# own, so line layout cannot be a feature either. The stage measures what is left: the Spearman of the
+# score with length and with mean line length over every scored document (metrics classifier_spearman_*).
+
+_TOKEN = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")  # a word (with its apostrophes) or one punctuation mark
+
+
+def classifier_line(words: list[str]) -> str:
+    """One fastText line from a run of words: lower case, punctuation marks split off, single spaces."""
+    return " ".join(_TOKEN.findall(" ".join(words).lower()))
+
+
+def window_starts(n_words: int, size: int, count: int) -> list[int]:
+    """Where the scored windows start: up to `count` non-overlapping windows of `size` words spread evenly
+    from the first word to the last; [0] for a text of fewer than two windows (one window, shorter than
+    `size` for a text shorter than that); [] for no words."""
+    if n_words == 0:
+        return []
+    full = n_words // size
+    if full <= 1:
+        return [0]
+    k = min(count, full)
+    if k == 1:
+        return [(n_words - size) // 2]
+    return [round(i * (n_words - size) / (k - 1)) for i in range(k)]  # steps of >= size: no overlap
+
+
+def scoring_lines(words: list[str], size: int, count: int) -> list[str]:
+    """The lines a document is scored on (see window_starts)."""
+    return [classifier_line(words[start:start + size]) for start in window_starts(len(words), size, count)]
+
+
+def training_line(key: str, text: str, size: int, seed: int) -> str:
+    """One window of `size` words of the document, starting at any word (a seeded hash of its key picks
+    which), so that a short document's window does not always start where it starts; "" for a document
+    shorter than a window (left out of training, so that every line has the same length)."""
+    words = text.split()
+    if len(words) < size:
+        return ""
+    start = _hash(f"window:{key}", seed) % (len(words) - size + 1)
+    return classifier_line(words[start:start + size])
+
+
+def mean_line_chars(text: str) -> float:
+    """Characters per non-empty line: the layout statistic the score is checked against."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    return sum(map(len, lines)) / len(lines) if lines else 0.0
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman's rank correlation (ties share their mean rank); None when either side is constant."""
+    if len(x) < 2:
+        return None
+    rx, ry = _ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64))
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    top = np.cumsum(counts)  # 1-based rank of the last of each group of equal values
+    return (top - (counts - 1) / 2.0)[inverse]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -486,14 +607,18 @@ def collect(specs: list[str], key: str, p: QualityParams, ctx: SourceContext) ->
 @dataclass
 class ClassifierReport:
     model_file: str
-    train_docs: int  # per class
+    train_docs: int  # per class (one window each)
     holdout_docs: int  # per class
-    precision: float  # on the held-out split, predicting positive at p(hq) >= 0.5
+    precision: float  # on the held-out windows, predicting positive at p(hq) >= 0.5
     recall: float
     positives: dict[str, int]  # docs per source (before sampling)
     negatives: dict[str, int]
     seconds: float
     fasttext: dict  # training arguments
+    # Spearman of the score with words per document and with characters per line, over every scored
+    # document (near 0 is the goal: the score should not be a length or layout detector)
+    spearman_length: float | None = None
+    spearman_line_chars: float | None = None
 
 
 def train_classifier(p: QualityParams, positives: list[str], negatives: list[str], model_dir: Path) -> ClassifierReport:
@@ -548,24 +673,59 @@ def hq_scores(model, lines: list[str]) -> np.ndarray:
     return np.array([min(float(pr[0] if lab[0] == HQ else pr[1]), 1.0) for lab, pr in zip(labels, probs)])
 
 
+@dataclass
+class Scored:
+    chunk: Chunk
+    scores: np.ndarray  # (N,) per document, in order
+    words: np.ndarray  # (N,) words per document
+    line_chars: np.ndarray  # (N,) characters per non-empty line
+    cpu_s: float
+
+
 class Scorer:
-    """Pass B for one process: the trained classifier, scoring chunk after chunk."""
+    """Pass B for one process: the trained classifier, scoring chunk after chunk (the median p(hq) of each
+    document's windows; 0 for an empty document)."""
 
-    def __init__(self, model_path: Path, doc_chars: int):
+    def __init__(self, model_path: Path, window_words: int, windows: int):
         self.model = _fasttext().load_model(str(model_path))
-        self.doc_chars = doc_chars
+        self.window_words, self.windows = window_words, windows
 
-    def run(self, chunk: Chunk) -> tuple[Chunk, np.ndarray, float]:
+    def run(self, chunk: Chunk) -> Scored:
         t0 = time.process_time()
         texts = [text for _, text, _ in _read_docs(chunk.path, chunk.row_groups)]
-        scores = hq_scores(self.model, [text_sample(t, self.doc_chars) for t in texts])
-        return chunk, scores, time.process_time() - t0
+        lines, owner, words = [], [], []
+        for i, text in enumerate(texts):
+            doc_words = text.split()
+            doc_lines = scoring_lines(doc_words, self.window_words, self.windows)
+            lines += doc_lines
+            owner += [i] * len(doc_lines)
+            words.append(len(doc_words))
+        probs = hq_scores(self.model, lines)  # (L,)
+        bounds = np.searchsorted(np.array(owner, np.int64), np.arange(len(texts) + 1))  # doc i: probs[b[i]:b[i+1]]
+        scores = np.array([np.median(probs[a:b]) if b > a else 0.0 for a, b in zip(bounds[:-1], bounds[1:])])
+        return Scored(chunk, scores, np.array(words, np.float64), np.array([mean_line_chars(t) for t in texts]),
+                      time.process_time() - t0)
+
+
+class RandomScorer:
+    """`classifier_keep: random`: a seeded uniform draw per document id in place of a score, so that the
+    top fraction kept is a random sample of the same size as the classifier would keep."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def run(self, chunk: Chunk) -> Scored:
+        t0 = time.process_time()
+        docs = list(_read_docs(chunk.path, chunk.row_groups))
+        scores = np.array([_unit_hash(f"keep:{doc_id}", self.seed) for doc_id, _, _ in docs])
+        empty = np.zeros(len(docs))
+        return Scored(chunk, scores, empty, empty, time.process_time() - t0)
 
 
 def cutoff(p: QualityParams, train_scores: np.ndarray) -> float:
     """The lowest score kept: the threshold, or the score of the last document in the top fraction of
     the train split (ties at the cut-off are all kept)."""
-    if p.classifier_keep == "threshold" or not train_scores.size:
+    if p.classifier_keep == "threshold" or not train_scores.size:  # random: its draws, as top_fraction
         return p.classifier_threshold
     keep = max(1, math.ceil(p.classifier_top_fraction * train_scores.size))
     return float(np.sort(train_scores)[::-1][keep - 1])
@@ -598,6 +758,8 @@ class Result:
             "chars_out": sum(s.chars for s in self.shards),
             "classifier_precision": c.precision if c else None,
             "classifier_recall": c.recall if c else None,
+            "classifier_spearman_length": c.spearman_length if c else None,
+            "classifier_spearman_line_chars": c.spearman_line_chars if c else None,
             "classifier_train_docs": c.train_docs if c else 0,
             "classifier_holdout_docs": c.holdout_docs if c else 0,
             "classifier_cutoff": self.cut,
@@ -616,9 +778,16 @@ class Result:
         line = (f"kept {t.kept:,} of {t.docs:,} docs ({t.kept / max(t.docs, 1):.1%}); dropped {t.docs - t.kept:,}: "
                 f"{reasons}; stripped {t.stripped_chars:,} chars from {t.stripped_docs:,} docs")
         if self.classifier:
-            line += (f"; classifier held-out precision {self.classifier.precision:.3f} recall "
-                     f"{self.classifier.recall:.3f}, cut-off {self.cut:.4f}")
+            c = self.classifier
+            line += (f"; classifier held-out precision {c.precision:.3f} recall {c.recall:.3f}, cut-off {self.cut:.4f}, "
+                     f"Spearman with length {_fmt_rho(c.spearman_length)} and line length {_fmt_rho(c.spearman_line_chars)}")
+        elif self.cut is not None:
+            line += f"; a seeded random {1 - t.dropped['classifier'] / max(t.kept + t.dropped['classifier'], 1):.1%} kept (classifier_keep: random)"
         return line
+
+
+def _fmt_rho(rho: float | None) -> str:
+    return "n/a" if rho is None else f"{rho:+.3f}"
 
 
 def filter_dataset(p: QualityParams, data: str | os.PathLike, out: str | os.PathLike, model_out: str | os.PathLike,
@@ -737,28 +906,31 @@ def _pass_a(p: QualityParams, chunks: list[Chunk], shards: list[ShardInfo], fold
 
 
 def _pass_b(p: QualityParams, stage1: list[ShardInfo], paths: list[Path], out: Path, model_out: Path, cache: Path,
-            tally: Tally, audit: AuditWriter) -> tuple[ClassifierReport, float, list[ShardInfo]]:
-    """Train on pass A's survivors (`stage1`, read from `paths`), score them, keep those above the cut-off."""
-    ctx = SourceContext([path for path, s in zip(paths, stage1) if s.split == "train"], cache, p.seed)
-    positives, pos_counts = collect(p.classifier_positives, "quality.classifier_positives", p, ctx)
-    negatives, neg_counts = collect(p.classifier_negatives, "quality.classifier_negatives", p, ctx)
-    status("quality", f"training the classifier on {min(len(positives), len(negatives)):,} documents per class (1 thread)")
-    report = train_classifier(p, positives, negatives, model_out)
-    report.positives, report.negatives = pos_counts, neg_counts
-    del positives, negatives
-    status("quality", f"classifier held-out precision {report.precision:.3f}, recall {report.recall:.3f} "
-                      f"({report.holdout_docs:,} docs per class)")
+            tally: Tally, audit: AuditWriter) -> tuple[ClassifierReport | None, float, list[ShardInfo]]:
+    """Train on pass A's survivors (`stage1`, read from `paths`), score them, keep those above the cut-off
+    (with `classifier_keep: random`, no training: seeded draws stand in for the scores)."""
+    if p.classifier_keep == "random":
+        report, scorer = None, (RandomScorer, (p.seed,))
+        status("quality", f"keeping a seeded random {p.classifier_top_fraction:.0%} of the documents (classifier_keep: random)")
+    else:
+        report = _train(p, stage1, paths, model_out, cache)
+        scorer = (Scorer, (model_out / report.model_file, p.classifier_window_words, p.classifier_windows))
 
     chunks = plan_chunks(paths, stage1)
-    scores: dict[int, list[np.ndarray]] = {i: [] for i in range(len(stage1))}
+    scored: dict[int, list[Scored]] = {i: [] for i in range(len(stage1))}
     with progress(total=sum(s.rows for s in stage1), desc="quality: classifier", unit="doc") as bar:
-        for chunk, chunk_scores, cpu in ordered_map(Scorer, (model_out / report.model_file, p.classifier_doc_chars),
-                                                    chunks, p.workers):
-            scores[chunk.shard].append(chunk_scores)
-            tally.seconds["classifier"] += cpu
-            bar.update(len(chunk_scores))
-    per_shard = [np.concatenate(s) if s else np.zeros(0) for s in scores.values()]
+        for result in ordered_map(*scorer, chunks, p.workers):
+            scored[result.chunk.shard].append(result)
+            tally.seconds["classifier"] += result.cpu_s
+            bar.update(len(result.scores))
+    per_shard = [np.concatenate([r.scores for r in s]) if s else np.zeros(0) for s in scored.values()]
     cut = cutoff(p, np.concatenate([s for s, info in zip(per_shard, stage1) if info.split == "train"]))
+    if report is not None:
+        every = [r for s in scored.values() for r in s]
+        scores = np.concatenate([r.scores for r in every]) if every else np.zeros(0)
+        report.spearman_length = spearman(scores, np.concatenate([r.words for r in every]) if every else scores)
+        report.spearman_line_chars = spearman(scores, np.concatenate([r.line_chars for r in every]) if every else scores)
+    what = "random draw" if report is None else "score"
 
     writers = _ShardWriters(out, stage1)
     with writers:
@@ -774,10 +946,23 @@ def _pass_b(p: QualityParams, stage1: list[ShardInfo], paths: list[Path], out: P
                 tally.dropped["classifier"] += 1
                 if audited(doc_id, p):
                     rows.append(audit_row(doc_id, source, info.split,
-                                          Drop("classifier", score, f"score {score:.4f} < cut-off {cut:.4f}"), text))
+                                          Drop("classifier", score, f"{what} {score:.4f} < cut-off {cut:.4f}"), text))
             writers.write(i, kept)
             audit.write(rows)
     return report, cut, writers.infos
+
+
+def _train(p: QualityParams, stage1: list[ShardInfo], paths: list[Path], model_out: Path, cache: Path) -> ClassifierReport:
+    ctx = SourceContext([path for path, s in zip(paths, stage1) if s.split == "train"], cache, p.seed)
+    positives, pos_counts = collect(p.classifier_positives, "quality.classifier_positives", p, ctx)
+    negatives, neg_counts = collect(p.classifier_negatives, "quality.classifier_negatives", p, ctx)
+    status("quality", f"training the classifier on {min(len(positives), len(negatives)):,} windows of "
+                      f"{p.classifier_window_words} words per class (1 thread)")
+    report = train_classifier(p, positives, negatives, model_out)
+    report.positives, report.negatives = pos_counts, neg_counts
+    status("quality", f"classifier held-out precision {report.precision:.3f}, recall {report.recall:.3f} "
+                      f"({report.holdout_docs:,} windows per class)")
+    return report
 
 
 def _check_not_empty(infos: list[ShardInfo], tally: Tally) -> None:
@@ -791,10 +976,12 @@ def _check_not_empty(infos: list[ShardInfo], tally: Tally) -> None:
 def _model_meta(p: QualityParams, report: ClassifierReport | None, cut: float | None, about: dict) -> dict:
     meta = {"format": META_FORMAT, "enabled": report is not None, "params": asdict(p), **about}
     if report is None:
-        meta["note"] = "quality.classifier is false: no model was trained"
+        meta["note"] = ("quality.classifier_keep is random: no model was trained, a seeded random sample was kept"
+                        if p.classifier and p.classifier_keep == "random" else "quality.classifier is false: no model was trained")
         return meta
     return {**meta, "model": report.model_file, "labels": {"positive": HQ, "negative": LQ},
-            "score": "p(positive) of the one-line sample of a document (daychat.data.quality.text_sample)",
+            "score": (f"the median p(positive) over up to {p.classifier_windows} evenly spaced windows of "
+                      f"{p.classifier_window_words} words of a document (daychat.data.quality.scoring_lines)"),
             "cutoff": cut, **{k: v for k, v in asdict(report).items() if k not in ("model_file", "seconds")}}
 
 
