@@ -308,9 +308,9 @@ def run_job(job: Job) -> dict[str, Any]:
         # One step first, so that the optimizer state (and the EMA) exist, as at any later step. On CUDA at
         # the real shape (it compiles the graph the measured step then reuses); on a CPU, where nothing
         # compiles, one short row is enough.
-        if device.type == "cuda":
+        if device.type == "cuda" and job.kind == "train":
             trainer.plan = BatchPlan(total_batch=job.rows * job.seq_len, device_batch=job.rows, max_seq_len=job.seq_len)
-        else:
+        else:  # an evaluation beside the optimizer state: the state's size does not depend on the batch
             trainer.plan = BatchPlan(total_batch=16, device_batch=1, max_seq_len=16)
         trainer.train_step(trainer.plan.max_seq_len)
     if job.kind == "train":
@@ -375,8 +375,9 @@ def _trainer(job: Job, model, device, build_optimizers):
 
     optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
                                   weight_decay=0.2)
-    plan = BatchPlan(total_batch=2 * job.rows * job.seq_len, device_batch=job.rows, max_seq_len=job.seq_len)
-    schedule = Schedule(Horizon("tokens", tokens=plan.total_batch * 4), curriculum=((0.0, job.seq_len),))
+    rows, seq_len = job.rows or 1, job.seq_len or 16  # an evaluation job only needs the optimizer state
+    plan = BatchPlan(total_batch=2 * rows * seq_len, device_batch=rows, max_seq_len=seq_len)
+    schedule = Schedule(Horizon("tokens", tokens=plan.total_batch * 4), curriculum=((0.0, seq_len),))
     source = MaskedBatches(model.config.vocab_size, device) if job.masked else RandomBatches(model.config.vocab_size, device)
     return Trainer(model, optimizers, source, schedule, plan,
                    LoopSettings(device=device, precision=job.precision, compile=job.compile),
