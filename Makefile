@@ -53,7 +53,8 @@ plan: setup
 # CHAT_DATA=../shared/data/sft).
 PARAMS ?= params.yaml
 rehearse: setup
-	$(PY) -m daychat.plan.rehearse --params $(PARAMS) --card $(CARD) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) \
+	$(PY) -m daychat.plan.rehearse --params $(PARAMS) $(if $(filter command line,$(origin CARD)),--card $(CARD)) \
+		$(if $(TOKENIZER),--tokenizer $(TOKENIZER)) \
 		$(if $(BUNDLE),--bundle $(BUNDLE)) $(if $(CHAT_DATA),--chat-data $(CHAT_DATA)) \
 		--out reports/rehearse.md --metrics reports/metrics/rehearse.json --json reports/rehearse.json
 

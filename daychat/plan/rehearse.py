@@ -659,6 +659,10 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.card is None:  # the recipe's own plan.card, as the plan stage reads it
+        from daychat.params import parse_section, read_params
+
+        args.card = parse_section("plan", read_params(args.params).get("plan")).card
     try:
         card = get_card(args.card)
     except KeyError as e:
@@ -697,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="the recipe")
-    parser.add_argument("--card", default="rtx4090", help="the card the recipe is for (daychat/plan/cards.py)")
+    parser.add_argument("--card", help="the card the recipe is for (daychat/plan/cards.py; default: plan.card)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to rehearse")
     parser.add_argument("--tokenizer", help="tokenizer folder for exact prompt lengths (default: UTF-8 byte bound)")
     parser.add_argument("--bundle", help="CORE bundle folder (default: core_eval.source resolved through --cache)")
@@ -724,4 +728,4 @@ if __name__ == "__main__":
     else:
         from daychat.cli import run
 
-        run(main, "rehearse")
+        run(lambda: main(sys.argv[1:]), "rehearse")
