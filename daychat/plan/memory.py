@@ -277,9 +277,14 @@ def largest_fit(config: GPTConfig, seq_len: int, budget_bytes: float, *, max_bat
     def fits(b: int) -> bool:
         return estimate_memory(config, b, seq_len, **kwargs).total_bytes <= budget_bytes
 
-    if not fits(1):
+    return largest_true(fits, 1, max_batch)
+
+
+def largest_true(fits, lo: int, hi: int) -> int:
+    """The largest n in [lo, hi] with fits(n), for a `fits` that is true up to some n and false after (the
+    peak grows with the batch): bisection. 0 when not even fits(lo)."""
+    if not fits(lo):
         return 0
-    lo, hi = 1, max_batch  # the peak grows with the batch: bisect for the last one that fits
     if fits(hi):
         return hi
     while hi - lo > 1:
@@ -478,12 +483,4 @@ def scoring_batch_tokens(config: GPTConfig, budget_bytes: float, *, static: dict
                               scored=scored, columns=columns)
         return phase.total_bytes <= budget_bytes
 
-    if not fits(longest):
-        return 0
-    lo, hi = longest, max(longest, cap)
-    if fits(hi):
-        return hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return largest_true(fits, longest, max(longest, cap))
