@@ -200,3 +200,31 @@ def test_cli_errors_are_one_line(tmp_path):
                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 2 and run.stderr.startswith("error: [export]") and len(run.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_creates_the_repo_and_uploads_the_folder(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from daychat.export import push_to_hub
+
+    calls = []
+
+    class FakeApi:  # no network in tests: record what would be sent
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create", repo_id, kwargs))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload", kwargs))
+            if kwargs["repo_id"] == "you/forbidden":
+                raise PermissionError("403 Forbidden")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert push_to_hub(tmp_path, "you/tiny", private=True) == "https://huggingface.co/you/tiny"
+    assert calls[1] == ("create", "you/tiny", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert calls[2][1]["folder_path"] == str(tmp_path) and calls[2][1]["repo_id"] == "you/tiny"
+    with pytest.raises(UserError, match="you/forbidden failed .*403 Forbidden.*huggingface-cli login"):
+        push_to_hub(tmp_path, "you/forbidden")

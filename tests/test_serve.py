@@ -440,3 +440,9 @@ def test_web_chat_in_a_real_browser(tok, browser):
 
         browser.find_element(By.ID, "new-chat").click()
         assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "daychat.serve", "--model", str(tmp_path / "missing")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 2 and run.stderr.startswith("error: [serve]") and len(run.stderr.splitlines()) == 1

@@ -18,8 +18,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from daychat.errors import UserError
 
 NAME = "serve"
@@ -27,6 +25,11 @@ NAME = "serve"
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    folder = Path(args.model)
+    if not folder.is_dir():  # before torch is imported: a typo is reported at once
+        raise UserError(f"{folder} is not a folder: pass --model a model folder (models/sft)")
+    import torch
+
     from daychat.chat.engine import Engine
     from daychat.serve.app import ServerConfig, create_app
     from daychat.tokenizer import Tokenizer
@@ -36,9 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible; use --device auto or cpu")
     device = pick_device(args.device, "--device")
-    folder = Path(args.model)
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder: pass --model a model folder (models/sft)")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = load_model_folder(folder, device)
