@@ -7,7 +7,7 @@ Reads params.yaml's `export` section (name, verify). Writes exports/<name>/ as a
 weights, config.json + the modeling files, the tokenizer with daychat's chat format as a Jinja chat
 template, generation_config.json, README.md model card quoting reports/metrics, daychat_meta.json), after
 loading it through transformers and comparing logits, token ids and the chat template with daychat's
-(export.verify). Metrics: name, params, size_mb, weights_sha256, the check's max logit difference.
+(export.verify). Metrics: name, params, weights_mb, weights_sha256, the check's max logit difference.
 Ends with how to load the folder and how to serve the model.
 """
 
@@ -39,7 +39,7 @@ def main() -> None:
     write_metrics(args.metrics, result)
     checked = (f"; transformers matches daychat (max logit difference {result['check_max_abs_logit_diff']:.2g})"
                if "check_max_abs_logit_diff" in result else "")
-    status(NAME, f"{out.resolve()} ({result['size_mb']:.1f} MB){checked}")
+    status(NAME, f"{out.resolve()} ({result['weights_mb']:.1f} MB of weights){checked}")
     status(NAME, f"load it: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)")
     status(NAME, f"chat with it: python -m daychat.serve --model {args.model}  (then open http://127.0.0.1:8000)")
 

@@ -111,6 +111,7 @@ def test_export_folder_has_everything_and_ships_gpt_py_verbatim(exported):
             "daychat_meta.json"} <= names
     assert not any(p.name.startswith(".") for p in folder.parent.iterdir())  # no temporary folder left
     assert (folder / "gpt.py").read_bytes() == (ROOT / "daychat/model/gpt.py").read_bytes()
+    assert (folder / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by others: it is for sharing
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_daychat.DaychatForCausalLM"
     assert config["daychat_gpt"]["window_pattern"] == "SL" and config["max_position_embeddings"] == 64
@@ -226,5 +227,6 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_folder(monkeypatch, tmp_pa
     assert push_to_hub(tmp_path, "you/tiny", private=True) == "https://huggingface.co/you/tiny"
     assert calls[1] == ("create", "you/tiny", {"repo_type": "model", "private": True, "exist_ok": True})
     assert calls[2][1]["folder_path"] == str(tmp_path) and calls[2][1]["repo_id"] == "you/tiny"
+    assert calls[2][1]["ignore_patterns"] == [".*"]  # no Snakemake timestamp or other hidden scratch
     with pytest.raises(UserError, match="you/forbidden failed .*403 Forbidden.*huggingface-cli login"):
         push_to_hub(tmp_path, "you/forbidden")

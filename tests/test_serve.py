@@ -55,8 +55,10 @@ class Slow(nn.Module):
     def __init__(self, model: nn.Module, delay: float):
         super().__init__()
         self.model, self.delay, self.config = model, delay, model.config
+        self.forwards = 0
 
     def forward(self, idx, kv_cache=None):
+        self.forwards += 1
         time.sleep(self.delay)
         return self.model(idx, kv_cache=kv_cache)
 
@@ -275,8 +277,8 @@ def test_concurrent_streams_equal_sequential_ones(client):
 
 
 def test_disconnect_stops_generation_and_the_queue_is_bounded(tok):
-    engine = Engine(Slow(tiny_gpt(tok), delay=0.02), tok)
-    app = create_app(engine, ServerConfig(model_id="slow", max_queue=1))
+    slow = Slow(tiny_gpt(tok), delay=0.02)
+    app = create_app(Engine(slow, tok), ServerConfig(model_id="slow", max_queue=1))
     body = {"messages": [{"role": "user", "content": "the cat"}], "temperature": 0, "max_tokens": 100, "stream": True}
     with live(app) as url:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
@@ -293,14 +295,14 @@ def test_disconnect_stops_generation_and_the_queue_is_bounded(tok):
                 time.sleep(0.02)
             refused = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
-        # the stream is closed after one token: its generation stops long before 100 tokens x 20 ms
-        t0 = time.monotonic()
+        # the stream was closed after its first token: its generation stopped long before 100 tokens
         waiting.join(timeout=30)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while (health := httpx.get(f"{url}/health").json())["busy"] or health["served"] < 2:
             assert time.monotonic() < deadline, health
             time.sleep(0.02)
-        assert health["cancelled"] == 1 and time.monotonic() - t0 < 1.5
+        assert health["cancelled"] == 1
+        assert slow.forwards < 50  # the cancelled reply's forwards, plus 2 for the 2-token one that waited
 
 
 def test_request_timeout_cuts_the_reply(tok):
@@ -308,9 +310,7 @@ def test_request_timeout_cuts_the_reply(tok):
     app = create_app(engine, ServerConfig(model_id="slow", timeout_s=0.5))
     with live(app) as url:
         body = {"messages": [{"role": "user", "content": "the cat"}], "temperature": 0, "max_tokens": 100}
-        t0 = time.monotonic()
         reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
-        assert time.monotonic() - t0 < 3
         assert reply["choices"][0]["finish_reason"] == "length" and 0 < reply["usage"]["completion_tokens"] < 100
         assert httpx.get(f"{url}/health").json()["timed_out"] == 1
 

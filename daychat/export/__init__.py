@@ -69,6 +69,7 @@ def export(model_dir: Path, out: Path, *, metrics_dir: Path | None = None, name:
         from safetensors.torch import save_file
 
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / WEIGHTS_FILE).chmod(0o644)  # safetensors writes it private (0600): an export is for sharing
         shutil.copyfile(gpt_source(), tmp / "gpt.py")
         for path in sorted(FILES.glob("*.py")):
             shutil.copyfile(path, tmp / path.name)
@@ -82,7 +83,7 @@ def export(model_dir: Path, out: Path, *, metrics_dir: Path | None = None, name:
         result = {"name": name, "params": counts["total"], "vocab_size": config.vocab_size,
                   "sequence_len": config.sequence_len, "depth": config.depth,
                   "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
-                  "size_mb": sum(p.stat().st_size for p in tmp.iterdir()) / 1e6,
+                  "weights_mb": (tmp / WEIGHTS_FILE).stat().st_size / 1e6,
                   "files": len(list(tmp.iterdir())), "card_metrics": len(metrics_found)}
         if check:
             say(f"checking {out} with transformers (logits, tokenizer, chat template)")
@@ -141,7 +142,7 @@ def push_to_hub(folder: Path, repo: str, *, private: bool = False, token: str | 
     try:
         url = api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
-                          commit_message="daychat export")
+                          commit_message="daychat export", ignore_patterns=[".*"])  # e.g. Snakemake's timestamp
     except Exception as e:  # network, auth, permissions: one line, the user's to fix
         raise UserError(f"push to the Hugging Face Hub repo {repo} failed ({type(e).__name__}: {e}); "
                         "check the repo name and your token (huggingface-cli login or HF_TOKEN)") from None

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                     name=args.name, check=not args.no_check, say=lambda line: print(f"[{NAME}] {line}", flush=True))
     checked = (f"; transformers matches daychat (max logit difference {result['check_max_abs_logit_diff']:.2g})"
                if "check_max_abs_logit_diff" in result else "")
-    print(f"[{NAME}] {out} ({result['size_mb']:.1f} MB, {result['params']:,} parameters){checked}")
+    print(f"[{NAME}] {out} ({result['weights_mb']:.1f} MB of weights, {result['params']:,} parameters){checked}")
     if args.push_to_hub:
         url = push_to_hub(out, args.push_to_hub, private=args.private)
         print(f"[{NAME}] uploaded to {url}")

@@ -82,13 +82,14 @@ class Reply:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> list[tuple[str, str]]:
+        if self.stopped:  # ids the worker generated before it saw the cancel: not part of the reply
+            self.printer.pieces.clear()
+            return []
         for part, text in self.printer.pieces:
             if not self.bounds or self.bounds[-1][1] != part:
                 self.bounds.append((len(self.text), part))
             self.text += text
         self.printer.pieces.clear()
-        if self.stopped:
-            return []
         hits = [i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stops) if i >= 0]
         if hits:
             self.text, self.stopped = self.text[:min(hits)], True
