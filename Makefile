@@ -7,7 +7,7 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 CORES      ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup setup-cluster demo test bench plan sweep chat clean-demo rehearse gpu-check
+.PHONY: setup setup-cluster demo test bench plan sweep chat serve clean-demo rehearse gpu-check
 
 setup: $(VENV)/.daychat-installed
 
@@ -70,6 +70,12 @@ sweep: setup
 # Talk to a model: make chat (models/sft of the root run), or MODEL=runs/demo/models/sft.
 chat: setup
 	$(PY) -m daychat.chat --model $(or $(MODEL),models/sft)
+
+# A web chat and an OpenAI-compatible API on http://127.0.0.1:$(PORT) (HOST=0.0.0.0 to be reachable from elsewhere).
+PORT ?= 8000
+HOST ?= 127.0.0.1
+serve: setup
+	$(PY) -m daychat.serve --model $(or $(MODEL),models/sft) --host $(HOST) --port $(PORT)
 
 clean-demo:
 	rm -rf runs/demo

@@ -605,6 +605,21 @@ class PlanParams:
             raise ParamsError("plan.depth_max", f"must be >= depth_min ({self.depth_min}), got {self.depth_max}")
 
 
+@dataclass(frozen=True)
+class ExportParams:
+    """The export stage (daychat/export): exports/<name>/, a folder Hugging Face transformers loads
+    (safetensors, config, tokenizer with the chat template, model card), checked through transformers."""
+
+    name: str = "daychat"  # the folder under exports/ and the title of the model card
+    verify: bool = True  # load the export with transformers and compare logits, token ids, chat template
+
+    def check(self) -> None:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ParamsError("export.name", f"must be a folder name of letters, digits, '.', '_', '-', got {self.name!r}")
+
+
 SECTIONS: dict[str, type] = {
     "download": DownloadParams,
     "dedup": DedupParams,
@@ -616,6 +631,7 @@ SECTIONS: dict[str, type] = {
     "sft": SftParams,
     "chat_eval": ChatEvalParams,
     "report": ReportParams,
+    "export": ExportParams,
     "probe": ProbeParams,
     "plan": PlanParams,
 }

@@ -43,6 +43,7 @@ HEADLINES: dict[str, list[str]] = {
     "tokenizer": ["vocab_size", "bytes_per_token"], "pretokenize": ["train_tokens", "val_tokens"],
     "pretrain": ["val_bpb", "tok_per_s", "mfu"], "core_eval": ["core", "core_subset"],
     "sft": ["val_loss", "train_loss"], "chat_eval": ["chatcore", "chatcore_subset"],
+    "export": ["weights_mb", "check_max_abs_logit_diff"],
 }
 
 # Training panels: (title, [curve names under plots/metrics/]); a panel with no data is left out.

@@ -130,6 +130,12 @@ def summary(ws: Path, seconds: float) -> str:
         lines.append(f"    {path.stem:<12} {shown}")
     if (ws / "reports" / "report.md").is_file():
         lines.append(f"  report: {_rel(ws / 'reports' / 'report.md')}  (open it: what each stage kept, learned, said and cost)")
+    for child in sorted(c for c in (ws / "exports").glob("*") if c.is_dir() and not c.name.startswith(".")):
+        lines.append(f"  export: {_rel(child)}/  (load it with transformers: AutoModelForCausalLM.from_pretrained"
+                     f"('{_rel(child)}', trust_remote_code=True))")
+    if (ws / "models" / "sft").is_dir():
+        lines.append(f"  chat with it: make serve MODEL={_rel(ws / 'models' / 'sft')}  (a web chat and an "
+                     "OpenAI-compatible API on http://127.0.0.1:8000)")
     return "\n".join(lines)
 
 

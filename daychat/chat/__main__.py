@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from daychat.chat.display import Printer
 from daychat.chat.engine import Engine, assistant_parts
 from daychat.chat.format import Conversation, render_prompt, text_of
 from daychat.errors import UserError
@@ -26,42 +27,6 @@ from daychat.train.checkpoint import TOKENIZER_DIR, load_model_folder
 from daychat.train.metrics import pick_device
 
 NAME = "chat"
-# How tool tokens show in the terminal.
-SHOWN = {"<|tool_call_start|>": "[calculator: ", "<|tool_call_end|>": " = ",
-         "<|tool_output_start|>": "", "<|tool_output_end|>": "]"}
-
-
-class Printer:
-    """Writes generated ids to a text stream as they come. A multi-byte character can span tokens, so the
-    current run is decoded whole each time and only its new, complete characters are written."""
-
-    def __init__(self, tokenizer: Tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
-        self.shown = {tokenizer.encode_special(name): text for name, text in SHOWN.items()}
-        self.specials = set(tokenizer.special_tokens.values())
-        self.run: list[int] = []
-        self.written = 0  # characters of decode(run) already written
-
-    def feed(self, token: int) -> None:
-        if token in self.specials:
-            self.flush()
-            self.run, self.written = [], 0
-            self._write(self.shown.get(token, ""))
-            return
-        self.run.append(token)
-        text = self.tokenizer.decode(self.run)
-        if not text.endswith("\ufffd"):  # wait for the rest of a cut character
-            self._write(text[self.written:])
-            self.written = len(text)
-
-    def flush(self) -> None:
-        self._write(self.tokenizer.decode(self.run)[self.written:])
-        self.written = len(self.tokenizer.decode(self.run))
-
-    def _write(self, text: str) -> None:
-        if text:
-            self.out.write(text)
-            self.out.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The chat engine: KV-cache generation with the calculator tool, for the chat CLI and chat_eval.
 
     engine = Engine(model, tokenizer)
-    for token in engine.stream(prompt_ids, max_new_tokens=256, temperature=0.0, top_k=0, seed=0): ...
+    for token in engine.stream(prompt_ids, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, seed=0): ...
     engine.generate(prompt_ids, ...) -> list[int]          # the same ids as a list
     engine.reply(conversation, ...) -> str                 # render_prompt, generate, decode
 
@@ -19,8 +19,9 @@ daychat.chat.format); it reads them and goes on.
 Generation stops at <|assistant_end|> (not yielded: it ends the turn), at <|bos|> (a new document: a
 base model's way to stop; not yielded), after `max_new_tokens` yielded ids (forced ones included) or when
 the context (config.sequence_len) is full. temperature 0 is greedy; otherwise softmax sampling at that
-temperature, restricted to the top_k logits when top_k > 0, from a torch.Generator seeded with `seed`
-(the same ops as daychat.sample, so a seed gives the same tokens with and without the cache).
+temperature, restricted to the top_k logits when top_k > 0 and then to the nucleus of top_p probability
+when top_p < 1 (Holtzman et al., arXiv:1904.09751), from a torch.Generator seeded with `seed` (with top_p
+= 1, the same ops as daychat.sample, so a seed gives the same tokens with and without the cache).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Engine:
         self.output_start, self.output_end = special("<|tool_output_start|>"), special("<|tool_output_end|>")
 
     def stream(self, prompt_ids: Iterable[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
-               top_k: int = 0, seed: int = 0) -> Iterator[int]:
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
         """Yield the ids that follow `prompt_ids`, as they are generated (tool outputs included).
 
         Raises ValueError for an empty prompt or one that leaves no room in the context.
@@ -68,13 +69,15 @@ class Engine:
                              f"{self.max_len} tokens")
         if temperature < 0 or top_k < 0:
             raise ValueError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         generator = torch.Generator(device=self.device).manual_seed(seed)
         cache = KVCache(self.max_len)
         logits = self._next_logits(prompt, cache)  # prefill: the whole prompt in one forward
         produced = 0
         call: list[int] | None = None  # the expression's ids while inside a tool call
         while produced < max_new_tokens and cache.pos < self.max_len:
-            token = self._sample(logits, temperature, top_k, generator)
+            token = self._sample(logits, temperature, top_k, top_p, generator)
             if token in self.stop_ids:
                 return
             feed = [token]
@@ -122,14 +125,22 @@ class Engine:
         return contextlib.nullcontext()
 
     @staticmethod
-    def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> int:
-        """One id from logits (V,): argmax at temperature 0, else top-k softmax sampling."""
+    def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator) -> int:
+        """One id from logits (V,): argmax at temperature 0, else top-k / top-p softmax sampling."""
         if temperature == 0:
             return int(logits.argmax())
         logits = logits / temperature
         if top_k:
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1:
+            # keep the likeliest tokens until their mass reaches top_p: a token goes when the mass of
+            # those before it already does (the likeliest one always stays)
+            probs, order = torch.sort(torch.softmax(logits, dim=-1), descending=True)
+            drop_sorted = torch.cumsum(probs, dim=-1) - probs >= top_p
+            drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
         return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
 
 
