@@ -260,3 +260,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
             err = capsys.readouterr().err
             assert err.startswith("error: [chat]") and len(err.splitlines()) == 1, err
 
+
+
+def test_top_p_keeps_the_nucleus(tok):
+    model = tiny_gpt(tok)
+    engine = Engine(model, tok)
+    prompt = tok.encode("the cat sat on a mat", prepend_bos=True)
+    greedy = engine.generate(prompt, max_new_tokens=20)
+    # a nucleus smaller than the top token's probability is the top token alone: greedy at any temperature
+    assert engine.generate(prompt, max_new_tokens=20, temperature=1.0, top_p=1e-6, seed=5) == greedy
+    assert engine.generate(prompt, max_new_tokens=20, temperature=1.0, top_p=1.0, seed=5) != greedy
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate(prompt, top_p=0.0)
