@@ -26,7 +26,7 @@ from pathlib import Path
 
 from daychat.cli import parse_args_with_parts, run, status
 from daychat.data.dedup import dedup, lsh_error_rates, sign_part
-from daychat.io import atomic_dir, write_metrics
+from daychat.io import atomic_dir, ensure_space, tree_bytes, write_metrics
 from daychat.params import load_section
 
 NAME = "dedup"
@@ -46,6 +46,7 @@ def main() -> None:
     status(NAME, f"{args.data} -> {args.out}: {p.ngram}-{p.shingle} shingles, Jaccard >= {p.threshold}, "
                  f"{p.bands} bands x {p.rows} rows (S-curve estimates: false positives {fp:.3f}, "
                  f"false negatives {fn:.4f}){', verified exactly' if p.verify else ''}")
+    ensure_space(args.out, tree_bytes(args.data), "the deduplicated shards")  # at most the input again
     with atomic_dir(args.out) as tmp:
         result = dedup(args.data, tmp, p, parts=args.parts if args.gather else None)
     metrics = result.metrics(p)

@@ -51,7 +51,7 @@ def main() -> None:
         "bytes_per_token": bytes_per_token,
         "train_chars": train.chars,
         "train_docs": train.docs,
-        "train_seconds": tok.info["train_seconds"],
+        "train_seconds": tok.train_seconds,
         "seconds": time.perf_counter() - t0,
     })
 
