@@ -444,6 +444,9 @@ def register_all(stages: list[dag.Stage]) -> None:
     if "pretrain" in names:
         fault("kill/twice/pretrain", "kill", "pretrain", "snakemake",
               "kill -9 in pretrain, again during the recovery, then the same command")(kill_twice)
+        fault("kill/engine-only/pretrain", "kill", "pretrain", "snakemake",
+              "kill -9 of the snakemake process alone in pretrain: the stage lives on; the same command at once, "
+              "then once it ended")(kill_engine_only)
     fault("kill/snakemake/final-commit", "kill", "(engine)", "snakemake",
           "kill -9 during the Snakefile's closing `dvc commit`; the same command again")(kill_commit)
     for spec in CORRUPT:
@@ -535,6 +538,32 @@ def kill_twice(lab: Lab, r: Result) -> None:
     expect_ok(r, step)
     resumed = re.search(r"\[pretrain\] run \S+: (resuming after step [\d,]+|fresh start)", out)
     step.note = resumed.group(1) if resumed else ""
+    verify(lab, ws, r)
+
+
+def kill_engine_only(lab: Lab, r: Result) -> None:
+    ws = lab.copy("fault")
+    force(ws, lab.stage(r.stage))
+    proc = subprocess.Popen(SNAKEMAKE, cwd=ws, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    marker = f"stages/{r.stage}.py"
+    while proc.poll() is None and not _group_runs(proc.pid, marker):
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)  # the engine only: its job goes on, an orphan
+    proc.wait()
+    r.steps.append(Step(_show(SNAKEMAKE) + "  # kill -9 of snakemake alone", -9, 0.0,
+                        note=f"{r.stage} still running: {_group_runs(proc.pid, marker)}"))
+    step, _ = run(SNAKEMAKE, ws)
+    r.steps.append(step)
+    if _group_runs(proc.pid, marker):  # the orphan still works: this run must refuse to run the stage twice
+        expect_refusal(r, step, "already running")
+    deadline = time.time() + TIMEOUT
+    while _group_runs(proc.pid, marker) and time.time() < deadline:
+        time.sleep(0.2)
+    step, _ = run(SNAKEMAKE, ws)
+    r.steps.append(step)
+    expect_ok(r, step)
     verify(lab, ws, r)
 
 

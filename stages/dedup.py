@@ -26,6 +26,7 @@ from pathlib import Path
 
 from daychat.cli import parse_args_with_parts, run, status
 from daychat.data.dedup import dedup, lsh_error_rates, sign_part
+from daychat.data.textshards import verify_shards
 from daychat.io import atomic_dir, ensure_space, tree_bytes, write_metrics
 from daychat.params import load_section
 
@@ -35,6 +36,8 @@ NAME = "dedup"
 def main() -> None:
     args = parse_args()
     p = load_section(NAME)
+    if not args.gather:  # what this job reads: every shard, or its own (a gather's shard jobs checked theirs)
+        verify_shards(args.data, args.shard)
     if args.shard:
         t0 = time.perf_counter()
         status(NAME, f"signing shard {args.shard} of {args.data} into {args.parts}/{args.shard}")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from daychat.cli import parse_args_with_parts, run, status
-from daychat.data.textshards import read_manifest
+from daychat.data.textshards import read_manifest, verify_shards
 from daychat.data.tokens import (
     gather_parts,
     plan_workers,
@@ -41,6 +41,8 @@ def main() -> None:
     t0 = time.perf_counter()
     args = parse_args()
     p = load_section(NAME)
+    if not args.gather:  # what this job reads: every shard, or its own (a gather's shard jobs checked theirs)
+        verify_shards(args.data, args.shard)
     if args.shard:
         status(NAME, f"encoding shard {args.shard} of {args.data} into {args.parts}/{args.shard}")
         ensure_space(args.parts, token_bytes_estimate(args.data, args.tokenizer, p.dtype, args.shard),

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from daychat.cli import parse_args_with_parts, run, status
 from daychat.data.quality import filter_dataset, filter_part
+from daychat.data.textshards import verify_shards
 from daychat.io import atomic_dir, ensure_space, tree_bytes, write_metrics
 from daychat.params import load_section
 
@@ -38,6 +39,8 @@ NAME = "quality"
 def main() -> None:
     args = parse_args()
     p = load_section(NAME)
+    if not args.gather:  # what this job reads: every shard, or its own (a gather's shard jobs checked theirs)
+        verify_shards(args.data, args.shard)
     if args.shard:
         t0 = time.perf_counter()
         status(NAME, f"filtering shard {args.shard} of {args.data} into {args.parts}/{args.shard}")

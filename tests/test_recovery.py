@@ -212,6 +212,26 @@ def test_a_killed_save_is_deleted_when_the_run_resumes(tmp_path):
     assert ck.load()["step"] == 10
 
 
+def test_a_shard_damaged_after_it_was_written_is_named(tmp_path):
+    from daychat.data.textshards import ShardWriter, verify_shards, write_manifest
+
+    infos = []
+    for i, split in enumerate(("train", "val")):
+        writer = ShardWriter(tmp_path / f"shard_{i:05d}.parquet", split)
+        for j in range(50):
+            writer.write(f"d{i}-{j}", "some text to compress " * 20, "test")
+        infos.append(writer.close())
+    write_manifest(tmp_path, infos)
+    verify_shards(tmp_path)
+    data = bytearray((tmp_path / "shard_00000.parquet").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, as a failing disk leaves it
+    (tmp_path / "shard_00000.parquet").write_bytes(bytes(data))
+    verify_shards(tmp_path, "shard_00001")  # a job that reads another shard is not stopped
+    with pytest.raises(UserError, match=r"shard_00000\.parquet does not match the sha256 in .*manifest\.json: it was "
+                                        r"damaged or replaced after it was written; restore it \(dvc checkout"):
+        verify_shards(tmp_path)
+
+
 def test_validate_all_names_the_key_of_a_model_that_cannot_be_built(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("pretrain:\n  depth: 2\n  aspect_ratio: 32\n  head_dim: 32\n  n_kv_head: 3\n")
