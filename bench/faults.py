@@ -962,8 +962,12 @@ def table(results: list[Result], summary: dict) -> str:
              "| fault | engine | first command: exit, error line | recovery: exit | same bytes | agree (smk / dvc) | verdict |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
-        first = r.steps[0] if r.steps else None
-        recovery = next((s for s in r.steps[1:] if "-n all" not in s.command and "dvc status" not in s.command), None)
+        # the step that shows the fault (for a kill that was tried twice, the second) and the one after it
+        kills = [i for i, s in enumerate(r.steps) if "# kill" in s.command]
+        at = kills[-1] if kills else 0
+        first = r.steps[at] if r.steps else None
+        after = [s for s in r.steps[at + 1:] if "-n all" not in s.command and "dvc status" not in s.command]
+        recovery = after[-1] if after else None  # the command that finished the job (the checks left out)
         said = f"{first.rc}" + (f": {first.error[:110]}" if first and first.error else
                                  f" ({first.note[:110]})" if first and first.note else "") if first else "-"
         verdict = ("not tried: " + r.skipped if r.skipped else "survived" if r.survived else

@@ -95,8 +95,7 @@ def start_clean(name: str, argv: list[str], root: str | os.PathLike = ".") -> No
         _lock(root / LOCK_DIR / f"{job}.lock", job)
         removed = [p for out in _outputs_of(root, name, argv) for p in clean_stale_temps(root / out)]
         if removed:
-            status(name, "deleted what a killed run left: " + ", ".join(str(p.relative_to(root)) if not p.is_absolute()
-                                                                          else str(p) for p in removed))
+            status(name, "deleted what a killed run left: " + ", ".join(str(p) for p in removed))
     # Under the Snakefile (which sets JOURNAL_ENV for its jobs, and only its per-shard jobs pass --shard or
     # --list) the whole file was checked at DAG build: no need to import torch again for it in every job.
     if (root / PARAMS_FILE).is_file() and not (os.environ.get(JOURNAL_ENV) or "--shard" in argv or "--list" in argv):

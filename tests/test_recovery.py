@@ -329,3 +329,23 @@ def test_stage_scripts_run_through_daychat_cli():
     """Every stage goes through daychat.cli.run, which is where the lock, the cleanup and the checks live."""
     for script in sorted((ROOT / "stages").glob("*.py")):
         assert "run(main, NAME)" in script.read_text(), script.name
+
+
+def test_a_damaged_model_or_metrics_file_is_named_as_damaged(tmp_path):
+    from daychat.model import GPT, GPTConfig
+    from daychat.report import _read_json
+    from daychat.train.checkpoint import load_model_folder, write_model_folder
+
+    (tmp_path / "tok").mkdir()
+    model = GPT(GPTConfig(vocab_size=300, sequence_len=32, depth=1, aspect_ratio=32, head_dim=32))
+    model.init_weights()
+    write_model_folder(tmp_path / "base", model, model.config, {"metrics": {"val_bpb": 2.0, "wall_s": 9.0}}, tmp_path / "tok")
+    assert json.loads((tmp_path / "base/meta.json").read_text()) == {"metrics": {"val_bpb": 2.0}}  # no timings
+    data = (tmp_path / "base/model.pt").read_bytes()
+    (tmp_path / "base/model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=r"base/model\.pt is damaged \(PytorchStreamReader"):
+        load_model_folder(tmp_path / "base")
+    (tmp_path / "pretrain.json").write_text('{"val_bpb": 1.2,')
+    with pytest.raises(UserError, match=r"pretrain\.json is not valid JSON"):
+        _read_json(tmp_path / "pretrain.json")
+    assert _read_json(tmp_path / "missing.json") is None  # a stage not run yet is not damage

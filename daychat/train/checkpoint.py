@@ -191,7 +191,13 @@ def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "c
     except (EOFError, pickle.UnpicklingError):  # torch's own message here is many lines about weights_only
         raise UserError(f"{folder / MODEL_FILE} is damaged (not a saved state dict); rerun the stage that "
                         f"wrote {folder}") from None
-    except (ValueError, TypeError, RuntimeError, KeyError) as e:
+    except RuntimeError as e:
+        if "PytorchStreamReader" in str(e):  # torch's zip reader: a cut or garbled file, not a model mismatch
+            raise UserError(f"{folder / MODEL_FILE} is damaged ({str(e).splitlines()[0]}); restore it or rerun the "
+                            f"stage that wrote {folder}") from None
+        raise UserError(f"{folder} holds a model this code cannot load ({type(e).__name__}: {e}); "
+                        "rerun the pretrain stage") from None
+    except (ValueError, TypeError, KeyError) as e:
         raise UserError(f"{folder} holds a model this code cannot load ({type(e).__name__}: {e}); "
                         "rerun the pretrain stage") from None
     meta_path = folder / META_FILE
