@@ -48,6 +48,7 @@ from typing import Callable
 import yaml
 
 from daychat.io import tree_bytes, write_json, write_text
+from daychat.provenance import code_version
 from workflow import dag, workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +102,7 @@ class Result:
     problems: list[str] = field(default_factory=list)
     skipped: str = ""  # why the fault could not be tried here
     seconds: float = 0.0
+    rerun: bool = False  # run again on its own after the full run (`--merge`), e.g. after a harness fix
 
     @property
     def data_lost(self) -> bool:
@@ -174,6 +176,8 @@ def run_and_kill(cmd: list[str], ws: Path, stage: str, delay: float, after: str 
             break
         time.sleep(0.05)
     landed = _group_commands(proc.pid)
+    if started and stage_s is None and not (after or ready) and not any(marker in c for c in landed):
+        stage_s = time.perf_counter() - t_stage  # it ended between the last look and the kill
     _killpg(proc.pid)
     proc.wait()
     log.seek(0)
@@ -956,6 +960,8 @@ def table(results: list[Result], summary: dict) -> str:
              f"{summary['tried']} faults tried, {summary['survived']} survived, {summary['failed']} failed, "
              f"{summary['data_lost']} with data lost ({summary['skipped']} not tried here) in "
              f"{summary['seconds'] / 60:.1f} min on {summary['machine']}.", "",
+             *([f"Run again on their own after the full run (harness fixes): {', '.join(summary['reruns'])}.", ""]
+               if summary.get("reruns") else []),
              "Outputs compared byte for byte with an uninterrupted run: every `outs` file except "
              + "; ".join(f"`{k}` ({v})" for k, v in NOT_DETERMINISTIC.items())
              + ". Metrics and plots carry timings by design: they must exist.", "",
@@ -974,9 +980,17 @@ def table(results: list[Result], summary: dict) -> str:
                    ("DATA LOST; " if r.data_lost else "") + "failed: " + "; ".join(r.problems)[:160])
         agree = "-" if r.snakemake_agrees is None else f"{'yes' if r.snakemake_agrees else 'NO'} / {'yes' if r.dvc_agrees else 'NO'}"
         same = f"{r.compared - len(r.differ)}/{r.compared}" if r.compared else "-"
-        lines.append(f"| {r.name} | {r.engine} | {said.replace('|', '/')} | "
+        lines.append(f"| {r.name}{' (rerun)' if r.rerun else ''} | {r.engine} | {said.replace('|', '/')} | "
                      f"{recovery.rc if recovery else '-'} | {same} | {agree} | {verdict.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
+
+
+def _result(entry: dict) -> Result:
+    """A Result back from its JSON entry (for --merge)."""
+    names = {f.name for f in Result.__dataclass_fields__.values()}
+    r = Result(**{k: v for k, v in entry.items() if k in names and k != "steps"})
+    r.steps = [Step(**step) for step in entry["steps"]]
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -987,6 +1001,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="keep the scratch workspaces in this folder")
     parser.add_argument("--reuse", action="store_true", help="with --keep: reuse the baseline found there")
     parser.add_argument("--out", type=Path, default=OUT_JSON)
+    parser.add_argument("--merge", action="store_true",
+                        help="replace these faults' entries in the existing --out (marked as rerun) instead of "
+                             "writing only them; the summary is recounted over all entries")
     args = parser.parse_args(argv)
     tmp_ctx = tempfile.TemporaryDirectory(prefix="daychat-faults-") if not args.keep else None
     tmp = Path(args.keep) if args.keep else Path(tmp_ctx.name)
@@ -1002,12 +1019,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[faults] baseline: the ci recipe, uninterrupted, in {lab.base}", flush=True)
     lab.build(reuse=args.reuse)
     results = []
+    code = code_version()  # model folders record it (dirty or not): an edit during the suite changes their bytes
     for i, (r, fn) in enumerate(chosen, 1):
         t1 = time.perf_counter()
         try:
             fn(lab, r)
         except Exception as e:  # a broken fault harness is a failed fault, not a crashed suite
             r.problems.append(f"harness error: {type(e).__name__}: {e}")
+        if code_version() != code:
+            r.problems.append(f"the project's code changed during the suite ({code['describe']} -> "
+                              f"{code_version()['describe']}): bytes cannot be compared with the baseline")
         r.seconds = time.perf_counter() - t1
         results.append(r)
         verdict = "skipped" if r.skipped else "survived" if r.survived else "FAILED: " + "; ".join(r.problems)[:200]
@@ -1015,10 +1036,19 @@ def main(argv: list[str] | None = None) -> int:
         for step in r.steps:
             print(f"    {step.command[:90]} -> {step.rc}" + (f" | {step.error[:150]}" if step.error else "")
                   + (f" | {step.note[:150]}" if step.note else ""), flush=True)
+    seconds, reruns = time.perf_counter() - t0, []
+    if args.merge and args.out.is_file():
+        earlier = json.loads(args.out.read_text())
+        fresh = {r.name: r for r in results}
+        for r in fresh.values():
+            r.rerun = True
+        reruns = sorted({*earlier["summary"].get("reruns", []), *fresh})
+        results = [fresh.pop(d["name"], None) or _result(d) for d in earlier["faults"]] + list(fresh.values())
+        seconds = earlier["summary"]["seconds"]  # the full run's; a rerun's time is in its entry
     tried = [r for r in results if not r.skipped]
     summary = {"tried": len(tried), "survived": sum(r.survived for r in tried),
                "failed": sum(not r.survived for r in tried), "data_lost": sum(r.data_lost for r in tried),
-               "skipped": len(results) - len(tried), "seconds": time.perf_counter() - t0,
+               "skipped": len(results) - len(tried), "seconds": seconds, "reruns": reruns,
                "machine": f"{os.cpu_count()} CPUs", "seed": args.seed,
                "stages_covered": sorted({r.stage for r in tried if r.stage in {s.name for s in lab.stages}}),
                "small_disk": " ".join(lab.unshare) + " + mount -t tmpfs" if lab.unshare else None,
