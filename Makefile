@@ -7,7 +7,7 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 CORES      ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup setup-cluster demo test bench plan sweep chat serve clean-demo rehearse gpu-check
+.PHONY: setup setup-cluster demo test bench faults plan sweep chat serve clean-demo rehearse gpu-check
 
 setup: $(VENV)/.daychat-installed
 
@@ -38,6 +38,11 @@ bench: setup
 	$(PY) -m bench.pretrain
 	$(PY) -m bench.memory
 	$(PY) -m bench.dag
+
+# Kill it anywhere, rerun the same command, get the same bytes: the fault suite on the ci recipe (bench/faults.py;
+# reports/bench/faults.json and faults.md). Long (tens of minutes on 2 cores): niced, not part of `make test`.
+faults: setup
+	nice -n 10 $(PY) -m bench.faults
 
 # The 24 h recipe for a card (CARD=rtx4090 HOURS=24; add PROBE=reports/metrics/probe.json once measured).
 CARD  ?= rtx4090

@@ -3,22 +3,35 @@
 #   snakemake --cores 2 -d runs/demo all         a recipe's own workspace (see workflow/workspace.py)
 #   snakemake --config per_shard=true ...        stages with `meta: {shards: ...}` as one job per shard + a gather
 #                                                (`shards: self`: after a `<stage>_list` job that lists them)
+#
+# After a kill, a reboot or `dvc repro`, rerun the same command: workflow/guard.py (called below, before
+# Snakemake plans or deletes anything) takes the workspace lock, clears what a killed run left, validates
+# the whole params.yaml and adopts what DVC did since; profiles/default sets rerun-incomplete.
 import importlib.util
 import os
 import subprocess
 import sys
 
-from snakemake.exceptions import WorkflowError
 
-_spec = importlib.util.spec_from_file_location("daychat_dag", os.path.join(workflow.basedir, "workflow", "dag.py"))
-_dag = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_dag)
+def _module(name):
+    spec = importlib.util.spec_from_file_location(f"daychat_{name}", os.path.join(workflow.basedir, "workflow", f"{name}.py"))
+    loaded = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
 
+
+def _fail(message):
+    # One line, as the stages say theirs (a WorkflowError would add Snakemake's file and stack lines).
+    print(f"error: [snakemake] {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+_dag, _guard = _module("dag"), _module("guard")
 try:
     _STAGES = _dag.load_stages(".")
     _PARAMS = _dag.load_params(".")
 except _dag.DagError as e:
-    raise WorkflowError(str(e))
+    _fail(e)
 
 
 def _output(path):
@@ -33,9 +46,21 @@ def _output(path):
 # which writes DIR/shards.json, and the shard jobs follow that list.
 _PER_SHARD = {True: True, False: False, "true": True, "false": False}.get(config.get("per_shard", False))
 if _PER_SHARD is None:  # a bool from a profile's `config:`, a string from --config
-    raise WorkflowError(f"--config per_shard={config['per_shard']!r}: use true or false")
+    _fail(f"--config per_shard={config['per_shard']!r}: use true or false")
 _SHARDED = [s for s in _STAGES if s.shards] if _PER_SHARD else []
 _CHECKPOINTS = {_dag.producer(_STAGES, s.shards).name for s in _SHARDED if not s.lists_shards}
+
+_WORKSPACE = None  # this run's hold on the workspace (jobs re-parsing this file on a cluster take none)
+if workflow.is_main_process:
+    try:
+        _WORKSPACE = _guard.start(".", dry_run=workflow.output_settings.dryrun, snakefile=workflow.main_snakefile,
+                                  stages=_STAGES, per_shard=_PER_SHARD, say=lambda line: print(line, file=sys.stderr))
+    except _guard.GuardError as e:
+        _fail(e)
+try:
+    _VALUES = {s.name: _dag.param_values(s, _PARAMS) for s in _STAGES}
+except _dag.DagError as e:
+    _fail(e)
 
 
 def _parts_of(stage):
@@ -62,7 +87,7 @@ for _stage in _STAGES:
         name=_stage.name,
         input=[_stage.deps + _listed, _parts_of(_stage)] if _sharded else _stage.deps,
         output=[_output(p) for p in _stage.outputs],
-        params=dict(cmd=_stage.cmd, **_dag.param_values(_stage, _PARAMS)),
+        params=dict(cmd=_stage.cmd, **_VALUES[_stage.name]),
         shell="{params.cmd} --gather --parts " + _stage.parts if _sharded else "{params.cmd}",
     )
     # The keyword alone makes a checkpoint (no rule setting does): the two blocks define the same rule.
@@ -91,7 +116,7 @@ for _stage in _STAGES:
             name: f"{_stage.name}_list"
             input: _stage.deps
             output: _stage.shard_list
-            params: cmd=_stage.cmd, parts=_stage.parts, **_dag.param_values(_stage, _PARAMS)
+            params: cmd=_stage.cmd, parts=_stage.parts, **_VALUES[_stage.name]
             threads: 1
             shell: "{params.cmd} --list --parts {params.parts}"
     if _sharded:
@@ -101,16 +126,30 @@ for _stage in _STAGES:
             name: f"{_stage.name}_shard"
             input: _stage.deps + _listed
             output: temp(directory(f"{_stage.parts}/{{shard}}"))
-            params: cmd=_stage.cmd, parts=_stage.parts, **_dag.param_values(_stage, _PARAMS)
+            params: cmd=_stage.cmd, parts=_stage.parts, **_VALUES[_stage.name]
             wildcard_constraints: shard=r"[A-Za-z0-9_.\-]+"
             threads: os.cpu_count() or 1
             shell: "{params.cmd} --shard {wildcards.shard} --parts {params.parts}"
 
 
+def _commit(ran):
+    # Record in dvc.lock what Snakemake brought up to date, so that `dvc status` agrees: the stages whose job
+    # ran and finished here, and those a killed run finished without committing (the journal the stages
+    # append to, see workflow/guard.py). Never a stage Snakemake merely found up to date: its outputs may
+    # have changed behind both engines' backs, and committing them would hide that from `dvc status`.
+    if _WORKSPACE is None:
+        return
+    names = {job.rule.name for job in ran} | _WORKSPACE.journal()
+    in_dag = {job.rule.name for job in workflow.dag.jobs}
+    error = _WORKSPACE.commit(sorted(s.address for s in _STAGES if s.name in names and s.name in in_dag))
+    if error:
+        _fail(f"dvc commit failed, so dvc.lock misses this run's stages (rerun the same command): {error}")
+
+
 onsuccess:
-    # Record what Snakemake just brought up to date in dvc.lock, so `dvc status` agrees. Only the stages
-    # of this run's DAG: committing a stage that was not checked could bless stale outputs.
-    ran = {job.rule.name for job in workflow.dag.jobs}
-    done = sorted(s.address for s in _STAGES if s.name in ran)
-    if done:
-        subprocess.run(["dvc", "commit", "--force", "--quiet", *done], check=True)
+    _commit([job for job in workflow.dag.jobs if workflow.dag.needrun(job) and workflow.dag.finished(job)])
+
+
+onerror:
+    # What did finish goes into dvc.lock too, so that `dvc repro` does not redo it.
+    _commit([job for job in workflow.dag.jobs if workflow.dag.needrun(job) and workflow.dag.finished(job)])

@@ -255,6 +255,23 @@ class PretrainParams:
             raise ParamsError(f"pretrain.{needed[0]}", f"must be > 0 when pretrain.horizon is {self.horizon}")
         if not self.window_pattern or set(self.window_pattern) - {"L", "S"}:
             raise ParamsError("pretrain.window_pattern", f"must be a string of L and S, got {self.window_pattern!r}")
+        self.check_model()
+
+    def check_model(self) -> None:
+        """The model's own shape rules (daychat.model.GPTConfig), as an error naming the params key at fault."""
+        from daychat.model import GPTConfig  # imports torch: only where pretrain params are checked
+
+        try:
+            GPTConfig(vocab_size=1, sequence_len=max(seq_len for _, seq_len in self.curriculum()), depth=self.depth,
+                      aspect_ratio=self.aspect_ratio, head_dim=self.head_dim, n_kv_head=self.n_kv_head or None,
+                      window_pattern=self.window_pattern, short_window=self.short_window, softcap=self.softcap)
+        except ValueError as e:
+            message = str(e).removeprefix("GPTConfig: ")
+            # GPTConfig names its own fields; the first pretrain key its message mentions is the one to edit
+            # (n_kv_head before head_dim: "n_head (... / head_dim 32) must be a multiple of n_kv_head (3)").
+            key = next((k for k in ("n_kv_head", "head_dim", "window_pattern", "short_window", "softcap",
+                                    "aspect_ratio", "depth") if k in message), "depth")
+            raise ParamsError(f"pretrain.{key}", f"does not make a valid model: {message}") from None
 
 
 # The combined heuristic score's weights per statistic (daychat.data.heuristics.STATISTICS), from
@@ -691,6 +708,17 @@ def parse_section(name: str, values: Any, file: str = PARAMS_FILE) -> Any:
     except ParamsError as e:
         raise ParamsError(e.key, e.message, file) from None
     return obj
+
+
+def validate_all(path: str | os.PathLike = PARAMS_FILE) -> None:
+    """Check every section of params.yaml (not only one stage's): what both engines do before any stage
+    runs (the Snakefile at DAG build; under DVC each stage on start), so that a typo in any section stops
+    the run before outputs are deleted or hours are spent upstream of it. Sections may be absent (a
+    stage's own section is required by `load_section`)."""
+    raw = read_params(path)
+    for name in SECTIONS:
+        if name in raw:
+            parse_section(name, raw[name], Path(path).name)
 
 
 def defaults(name: str) -> dict[str, Any]:

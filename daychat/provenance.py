@@ -170,6 +170,24 @@ def dvc_lock_hashes(lock: str | os.PathLike = "dvc.lock") -> dict[str, str]:
     return hashes
 
 
+# What changes from one run of identical work to the next: wall time, speed, measured memory, a peak FLOP/s
+# benchmarked on the CPU. Metrics files (reports/metrics/*.json) and the dvclive curves keep them; artifacts
+# (model folders, eval details) must not, so that rerunning identical work gives identical bytes (and DVC
+# and the stages downstream see no change where there is none).
+RUN_NOISE = frozenset({"seconds", "wall_s", "train_seconds", "elapsed_s", "items_per_s", "examples_per_s",
+                       "tok_per_s", "tokens_per_s", "mb_per_s", "docs_per_s", "mfu", "peak_mem_gib",
+                       "peak_flops", "date"})
+
+
+def reproducible(record: Any) -> Any:
+    """`record` (JSON-able) without the RUN_NOISE keys at any depth: what an artifact may carry."""
+    if isinstance(record, dict):
+        return {key: reproducible(value) for key, value in record.items() if key not in RUN_NOISE}
+    if isinstance(record, (list, tuple)):
+        return [reproducible(value) for value in record]
+    return record
+
+
 def params_digest(params: Any) -> str:
     """A short, stable digest of a params mapping (key order and YAML formatting do not matter)."""
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]

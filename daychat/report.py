@@ -24,6 +24,7 @@ import yaml
 
 from daychat import provenance as prov
 from daychat.data import filter_ablation
+from daychat.errors import UserError
 
 # The pipeline's stages in order with their metrics file: the ones not in dvc.yaml yet are listed as
 # missing too, so a report of an early run says what is still to come. dvc.yaml's own entries win.
@@ -133,12 +134,14 @@ def read_curves(folder: Path | None) -> dict[str, tuple[list[float], list[float]
 
 
 def _read_json(path: Path | None) -> Any:
+    """The file's JSON; None when it is not there (a stage not run yet). A file that is there but
+    unreadable is damage, not absence: the report would otherwise show a finished stage as never run."""
     if not path or not path.is_file():
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore it or rerun the stage that writes it") from None
 
 
 def dropped_examples(path: Path | None, chars: int = 160) -> list[dict]:
@@ -190,7 +193,6 @@ def sample_models(models: dict[str, Path], p: Any) -> dict[str, list[tuple[str, 
     `p.prompts` as documents; the SFT model answers `p.chat_prompts` as user turns through the chat engine."""
 
     from daychat.chat.engine import Engine
-    from daychat.errors import UserError
     from daychat.sample import generate
     from daychat.tokenizer import Tokenizer
     from daychat.train.checkpoint import TOKENIZER_DIR, load_model_folder

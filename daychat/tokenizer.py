@@ -118,6 +118,9 @@ class Tokenizer:
         self.pattern = pattern
         self.special_tokens = {name: len(ranks) + i for i, name in enumerate(specials)}
         self.info = dict(info or {})  # training stats and anything else saved in tokenizer.json
+        # Seconds the BPE training took (None for a loaded tokenizer). Kept out of `info`: tokenizer.json is
+        # an artifact, and a timing in it would change its hash (and every model folder's) on each rerun.
+        self.train_seconds: float | None = None
         self._enc = tiktoken.Encoding("daychat", pat_str=pattern, mergeable_ranks=ranks,
                                       special_tokens=self.special_tokens)
 
@@ -146,8 +149,9 @@ class Tokenizer:
         bpe.train_from_iterator(itertools.chain([first], texts), merges_and_bytes, pattern=regex)
         seconds = time.perf_counter() - t0
         ranks = dict(bpe.get_mergeable_ranks())
-        info = {"vocab_size_requested": vocab_size, "train_seconds": seconds}
-        return cls(ranks, regex, info=info)
+        tok = cls(ranks, regex, info={"vocab_size_requested": vocab_size})
+        tok.train_seconds = seconds  # a metric of the stage, never saved with the tokenizer
+        return tok
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write tokenizer.tiktoken and tokenizer.json into `folder` (each file atomically)."""

@@ -30,6 +30,7 @@ from daychat.io import atomic_dir, write_json, write_metrics
 from daychat.params import load_section
 from daychat.plan.memory import generation_phase, model_bytes
 from daychat.plan.preflight import check_phase, scoring_batch, summary
+from daychat.provenance import reproducible
 from daychat.tokenizer import Tokenizer
 from daychat.train.checkpoint import TOKENIZER_DIR, load_model_folder, read_model_config
 from daychat.train.metrics import device_name, pick_device
@@ -76,9 +77,11 @@ def main() -> None:
 
     full = p.source == "url" and p.max_items == 0 and set(p.tasks) == set(TASKS)
     with atomic_dir(args.out) as tmp:
-        write_json(tmp / "summary.json", {"label": name, "chatcore": result["chatcore"], "source": p.source,
-                                          "data": str(root), "max_items": p.max_items, "seed": p.seed,
-                                          "tasks": result["tasks"]})
+        # the per-task speeds are in the metrics file only: an artifact carries no timings (same work, same bytes)
+        write_json(tmp / "summary.json", reproducible({"label": name, "chatcore": result["chatcore"],
+                                                       "source": p.source, "data": str(root),
+                                                       "max_items": p.max_items, "seed": p.seed,
+                                                       "tasks": result["tasks"]}))
         for task, items in result["results"].items():
             (tmp / f"{task}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items),
                                                encoding="utf-8")

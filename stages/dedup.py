@@ -26,7 +26,8 @@ from pathlib import Path
 
 from daychat.cli import parse_args_with_parts, run, status
 from daychat.data.dedup import dedup, lsh_error_rates, sign_part
-from daychat.io import atomic_dir, write_metrics
+from daychat.data.textshards import verify_shards
+from daychat.io import atomic_dir, ensure_space, tree_bytes, write_metrics
 from daychat.params import load_section
 
 NAME = "dedup"
@@ -35,6 +36,8 @@ NAME = "dedup"
 def main() -> None:
     args = parse_args()
     p = load_section(NAME)
+    if not args.gather:  # what this job reads: every shard, or its own (a gather's shard jobs checked theirs)
+        verify_shards(args.data, args.shard)
     if args.shard:
         t0 = time.perf_counter()
         status(NAME, f"signing shard {args.shard} of {args.data} into {args.parts}/{args.shard}")
@@ -46,6 +49,7 @@ def main() -> None:
     status(NAME, f"{args.data} -> {args.out}: {p.ngram}-{p.shingle} shingles, Jaccard >= {p.threshold}, "
                  f"{p.bands} bands x {p.rows} rows (S-curve estimates: false positives {fp:.3f}, "
                  f"false negatives {fn:.4f}){', verified exactly' if p.verify else ''}")
+    ensure_space(args.out, tree_bytes(args.data), "the deduplicated shards")  # at most the input again
     with atomic_dir(args.out) as tmp:
         result = dedup(args.data, tmp, p, parts=args.parts if args.gather else None)
     metrics = result.metrics(p)

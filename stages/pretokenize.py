@@ -22,15 +22,17 @@ import time
 from pathlib import Path
 
 from daychat.cli import parse_args_with_parts, run, status
-from daychat.data.textshards import read_manifest
+from daychat.data.textshards import read_manifest, verify_shards
 from daychat.data.tokens import (
     gather_parts,
     plan_workers,
     pretokenize,
     pretokenize_part,
+    token_dtype,
 )
-from daychat.io import atomic_dir, write_metrics
+from daychat.io import atomic_dir, ensure_space, write_metrics
 from daychat.params import load_section
+from daychat.tokenizer import Tokenizer
 
 NAME = "pretokenize"
 
@@ -39,8 +41,12 @@ def main() -> None:
     t0 = time.perf_counter()
     args = parse_args()
     p = load_section(NAME)
+    if not args.gather:  # what this job reads: every shard, or its own (a gather's shard jobs checked theirs)
+        verify_shards(args.data, args.shard)
     if args.shard:
         status(NAME, f"encoding shard {args.shard} of {args.data} into {args.parts}/{args.shard}")
+        ensure_space(args.parts, token_bytes_estimate(args.data, args.tokenizer, p.dtype, args.shard),
+                     f"the token shard {args.shard}")
         with atomic_dir(Path(args.parts) / args.shard) as tmp:
             part = pretokenize_part(args.data, args.tokenizer, args.shard, tmp, p.dtype, p.workers, p.batch_docs)
         status(NAME, f"shard {args.shard}: {part['shard']['tokens']:,} tokens in {time.perf_counter() - t0:.1f}s")
@@ -55,12 +61,24 @@ def main() -> None:
     else:
         processes, threads = plan_workers(p.workers, len(read_manifest(args.data)))
         status(NAME, f"encoding {args.data} with {args.tokenizer} on {processes} process(es) x {threads} thread(s)")
+        ensure_space(args.out, token_bytes_estimate(args.data, args.tokenizer, p.dtype), "the token shards")
         with atomic_dir(args.out) as tmp:
             t_encode = time.perf_counter()
             meta = pretokenize(args.data, args.tokenizer, tmp, p.dtype, p.workers, p.batch_docs)
             encode_seconds = time.perf_counter() - t_encode
         seconds = time.perf_counter() - t0
     report(meta, encode_seconds, seconds, args.metrics)
+
+
+def token_bytes_estimate(data: str, tokenizer: str, dtype: str, shard: str | None = None) -> float:
+    """About the bytes the token shards of `data` (or of one shard) will take: its characters / the
+    tokenizer's bytes_per_token (measured on its validation text; characters stand in for UTF-8 bytes, so
+    a corpus far from ASCII needs more) x the id size, plus one BOS per document."""
+    tok = Tokenizer.load(tokenizer)
+    per_token = tok.info.get("bytes_per_token") or 1.0
+    itemsize = token_dtype(tok.vocab_size, dtype).itemsize
+    shards = [s for s in read_manifest(data) if shard is None or s.name == shard]
+    return sum(s.chars / per_token + s.rows for s in shards) * itemsize
 
 
 def report(meta: dict, encode_seconds: float, seconds: float, metrics: str) -> None:

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from daychat.cli import parse_args_with_parts, run, status
 from daychat.data.quality import filter_dataset, filter_part
-from daychat.io import atomic_dir, write_metrics
+from daychat.data.textshards import verify_shards
+from daychat.io import atomic_dir, ensure_space, tree_bytes, write_metrics
 from daychat.params import load_section
 
 NAME = "quality"
@@ -40,6 +41,8 @@ NAME = "quality"
 def main() -> None:
     args = parse_args()
     p = load_section(NAME)
+    if not args.gather:  # what this job reads: every shard, or its own (a gather's shard jobs checked theirs)
+        verify_shards(args.data, args.shard)
     if args.shard:
         t0 = time.perf_counter()
         status(NAME, f"filtering shard {args.shard} of {args.data} into {args.parts}/{args.shard}")
@@ -52,6 +55,7 @@ def main() -> None:
     parts = [name for name, on in (("language ID", p.lid), (f"{len(p.heuristics)} heuristics", p.heuristics),
                                    ("classifier", p.classifier)) if on]
     status(NAME, f"{args.data} -> {args.out}: {', '.join(parts) or 'no filter'}")
+    ensure_space(args.out, tree_bytes(args.data), "the filtered shards")  # at most the input again
     with atomic_dir(args.model_out) as model_tmp, atomic_dir(args.out) as out_tmp:
         result = filter_dataset(p, args.data, out_tmp, model_tmp, args.cache, args.parts if args.gather else None)
     write_metrics(args.metrics, result.metrics())

@@ -16,7 +16,7 @@ import time
 from typing import Iterable, Iterator
 
 from daychat.cli import progress, run, status
-from daychat.data.textshards import read_manifest, shard_paths
+from daychat.data.textshards import read_manifest, shard_paths, verify_shards
 from daychat.io import atomic_dir, write_metrics
 from daychat.params import load_section
 from daychat.tokenizer import TextStream, Tokenizer
@@ -28,6 +28,7 @@ def main() -> None:
     t0 = time.perf_counter()
     args = parse_args()
     p = load_section(NAME)
+    verify_shards(args.data)
     train = TextStream(shard_paths(args.data, "train"), p.max_chars, p.doc_cap)
     available = sum(s.chars for s in read_manifest(args.data) if s.split == "train")
     status(NAME, f"training a {p.vocab_size:,}-token BPE on up to {p.max_chars:,} characters of {args.data} (train split)")
@@ -51,7 +52,7 @@ def main() -> None:
         "bytes_per_token": bytes_per_token,
         "train_chars": train.chars,
         "train_docs": train.docs,
-        "train_seconds": tok.info["train_seconds"],
+        "train_seconds": tok.train_seconds,
         "seconds": time.perf_counter() - t0,
     })
 

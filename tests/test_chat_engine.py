@@ -1,6 +1,7 @@
 """The chat engine: KV-cache generation against full recompute, the calculator, the tool protocol, the CLI."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -261,7 +262,6 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
             assert err.startswith("error: [chat]") and len(err.splitlines()) == 1, err
 
 
-
 def test_top_p_keeps_the_nucleus(tok):
     model = tiny_gpt(tok)
     engine = Engine(model, tok)
@@ -272,3 +272,15 @@ def test_top_p_keeps_the_nucleus(tok):
     assert engine.generate(prompt, max_new_tokens=20, temperature=1.0, top_p=1.0, seed=5) != greedy
     with pytest.raises(ValueError, match="top_p"):
         engine.generate(prompt, top_p=0.0)
+
+
+def test_cli_answers_hostile_prompts_in_one_line_at_worst(model_folder):
+    noise = bytes(range(1, 256)) * 12  # 3 KB, most of it not UTF-8: argv hands it over as lone surrogates
+    for prompt, code in (("word " * 3000, 2), (os.fsdecode(noise[:200]), None), ("", 2)):
+        run = chat(["--model", str(model_folder), "-p", prompt, "--max-new-tokens", "4", "--device", "cpu"])
+        assert "Traceback" not in run.stderr, run.stderr
+        assert run.returncode == code if code is not None else run.returncode in (0, 2)
+        if run.returncode:
+            assert run.stderr.startswith("error: [chat] ") and len(run.stderr.splitlines()) == 1, run.stderr
+    run = chat(["--model", str(model_folder), "-p", "word " * 3000, "--device", "cpu"])
+    assert "the prompt takes" in run.stderr and "shorten the prompt" in run.stderr

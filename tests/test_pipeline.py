@@ -1,32 +1,46 @@
 """End to end on the ci recipe, in a temporary workspace: the DAG runs under both engines, a rerun does
-nothing, and editing one knob reruns exactly that stage and what is downstream of it."""
+nothing, editing one knob reruns exactly that stage and what is downstream of it, each engine agrees with
+what the other did, and after a kill -9 or a bad params.yaml the same command recovers with the same bytes
+(the fast subset of `make faults`, bench/faults.py)."""
 
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from bench import faults
 from workflow import dag, workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--cores", "2"]
+
+
+def env() -> dict[str, str]:
+    # Both engines give a stage the same threads (Snakemake sets OMP_NUM_THREADS to a job's threads, here
+    # --cores 2): CPU float sums depend on the thread count, and the kill tests compare bytes across engines.
+    return {**workspace.tool_env(), "OMP_NUM_THREADS": "2"}
+
+
 def snakemake(ws: Path, *args: str) -> str:
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(ws),
-           "--cores", "2", *args]
-    result = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, env=workspace.tool_env())
+    cmd = [*SNAKEMAKE[:3], "--snakefile", str(ROOT / "Snakefile"), "--directory", str(ws), *SNAKEMAKE[3:], *args]
+    result = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, env=env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
 
 def dvc(ws: Path, *args: str) -> str:
-    result = subprocess.run(["dvc", *args], cwd=ws, capture_output=True, text=True, env=workspace.tool_env())
+    result = subprocess.run(["dvc", *args], cwd=ws, capture_output=True, text=True, env=env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -109,13 +123,90 @@ def test_vocab_edit_reruns_exactly_tokenizer_and_downstream_under_dvc(ws):
     assert "Data and pipelines are up to date" in dvc(ws, "repro")
 
 
-def test_snakemake_adopts_dvc_results_with_touch(ws):
-    # After `dvc repro` (or `dvc pull`), Snakemake's own records still hold the old params:
-    # `snakemake --touch` adopts what DVC produced instead of recomputing it.
-    assert "Nothing to be done" not in snakemake(ws, "--dry-run", "all")  # params differ from its records
+def test_snakemake_agrees_after_dvc_repro_without_being_told(ws):
+    # After `dvc repro` (the test above), Snakemake's own records still hold the old params: the Snakefile
+    # adopts what DVC brought up to date (workflow/guard.py), with no --touch for anyone to type.
     contents = {p.name: p.read_text() for p in (ws / "reports/metrics").glob("*.json")}
-    snakemake(ws, "--touch", "all")
     assert "Nothing to be done" in snakemake(ws, "--dry-run", "all")
+    assert "Nothing to be done" in snakemake(ws, "all")
     # nothing was recomputed: a rerun would rewrite its metrics (timings differ run to run)
     assert {p.name: p.read_text() for p in (ws / "reports/metrics").glob("*.json")} == contents
     assert_dvc_clean(ws)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faults (the fast subset of `make faults`)
+
+
+def same_bytes(ws: Path) -> dict[str, str]:
+    """sha256 of every output that must be byte-identical when identical work is redone."""
+    stages = [s for s in dag.load_stages(ws) if not s.on_demand]
+    return {rel: digest for rel, digest in faults.hashes(ws, stages).items() if faults.deterministic(stages, rel)}
+
+
+def start(ws: Path, cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ws, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, ready) -> None:
+    deadline = time.time() + 600
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill point"
+        time.sleep(0.05)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group, engine and stage, as a power cut would
+    except ProcessLookupError:  # it ended meanwhile: nothing to recover, the checks below hold all the same
+        pass
+    proc.wait()
+
+
+def checkpoints(ws: Path, stage: str) -> int:
+    return len(list((ws / ".cache" / stage).rglob("step_*.pt")))
+
+
+def test_bad_params_stop_snakemake_before_anything_is_deleted(ws):
+    before, saved = faults.hashes(ws, dag.load_stages(ws)), (ws / "params.yaml").read_text()
+    for key, value, says in (("pretrain.n_kv_head", 3, "params.yaml: pretrain.n_kv_head does not make a valid model"),
+                             ("pretrain.depth", 0, "params.yaml: pretrain.depth must be >= 1, got 0"),
+                             ("pretrian", {"depth": 2}, "params.yaml: pretrian is not a known section")):
+        faults._set_param(ws, key, value)
+        result = subprocess.run([*SNAKEMAKE, "all"], cwd=ws, capture_output=True, text=True, env=env())
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.lower().startswith("error")]
+        assert result.returncode == 2 and errors == [errors[0]] and errors[0].startswith(f"error: [snakemake] {says}"), errors
+        assert faults.hashes(ws, dag.load_stages(ws)) == before  # no output deleted, none rewritten
+        (ws / "params.yaml").write_text(saved)
+    assert "Nothing to be done" in snakemake(ws, "--dry-run", "all")
+
+
+def test_killed_anywhere_the_same_command_finishes_with_the_same_bytes(ws):
+    before = same_bytes(ws)
+    faults.force(ws, next(s for s in dag.load_stages(ws) if s.name == "pretrain"))
+    kill_when(start(ws, [*SNAKEMAKE, "all"]), lambda: checkpoints(ws, "pretrain") >= 1)
+    assert (ws / ".snakemake/locks").is_dir()  # what made the next run refuse before (LockException)
+    out = snakemake(ws, "all")
+    assert re.search(r"\[pretrain\] run \S+: resuming after step \d+", out)
+    assert same_bytes(ws) == before
+    assert "Nothing to be done" in snakemake(ws, "--dry-run", "all")
+    assert_dvc_clean(ws)
+
+
+def test_two_runs_refuse_and_dvc_finishes_what_a_killed_snakemake_began(ws):
+    before = same_bytes(ws)
+    faults.force(ws, next(s for s in dag.load_stages(ws) if s.name == "sft"))
+    run = start(ws, [*SNAKEMAKE, "all"])
+    kill_when(run, lambda: checkpoints(ws, "sft") >= 1 and refuses_a_second_run(ws))
+    dvc(ws, "repro")  # recovery by the other engine
+    assert same_bytes(ws) == before
+    assert "Nothing to be done" in snakemake(ws, "--dry-run", "all")
+    assert_dvc_clean(ws)
+
+
+def refuses_a_second_run(ws: Path) -> bool:
+    """While a run is under way: a second Snakemake and a dvc repro both refuse, in one line each."""
+    second = subprocess.run([*SNAKEMAKE, "all"], cwd=ws, capture_output=True, text=True, env=env())
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines()[-1].startswith("error: [snakemake] another run is using this workspace: snakemake")
+    concurrent = subprocess.run(["dvc", "repro"], cwd=ws, capture_output=True, text=True, env=env())
+    assert concurrent.returncode != 0 and "Unable to acquire lock" in concurrent.stderr
+    return True

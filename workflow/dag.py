@@ -169,7 +169,7 @@ def _checked_names(path: Path, names: list[Any]) -> list[str]:
 
 
 def _parse(path: Path, params: dict[str, Any], on_demand: bool) -> list[Stage]:
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = _yaml(path)
     where = PLANNING_FILE if on_demand else "dvc.yaml"
     unknown_top = set(spec) - {"stages"}
     if unknown_top:
@@ -241,7 +241,16 @@ def is_folder(stage_output: str) -> bool:
 def _load_params(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DagError(f"{path} not found")
-    return yaml.safe_load(path.read_text()) or {}
+    return _yaml(path)
+
+
+def _yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise DagError(f"{path.name}:{where} is not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
 def _paths(entries: Any) -> list[str]:

@@ -7,7 +7,7 @@ exactly as at the root:
       params.yaml     <- workflow/recipes/demo.yaml (re-synced on every `sync`)
       dvc.yaml        <- the project's dvc.yaml, byte for byte
       planning/dvc.yaml  <- the on-demand stages (probe, plan), byte for byte
-      stages/ daychat/ workflow/ Snakefile   symlinks to the project's code: code deps resolve, edits
+      stages/ daychat/ workflow/ Snakefile profiles/   symlinks to the project's code: code deps resolve, edits
                       rerun stages, and `snakemake` / `dvc` work from inside the workspace
       .git/ .dvc/     its own git and DVC repos (locks, cache, experiments stay inside)
       data/ models/ reports/   outputs
@@ -34,7 +34,7 @@ from workflow import dag
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "workflow" / "recipes"
-CODE_LINKS = ("stages", "daychat", "workflow", "Snakefile")  # code deps, commands, and the engine itself
+CODE_LINKS = ("stages", "daychat", "workflow", "Snakefile", "profiles")  # code deps, commands, the engine and its default profile
 GITIGNORE = ".snakemake/\n.cache/\n.snakemake_timestamp\n"
 DVCIGNORE = ".snakemake/\n.cache/\n.snakemake_timestamp\n"
 

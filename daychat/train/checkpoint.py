@@ -5,7 +5,11 @@ A run's checkpoints live in one folder, one file per save:
     step_000500.pt   torch.save of {"step", "model", "optimizers", "loader", "loop", "rng", "meta"}
 
 A file is written under a temporary name and renamed into place, so a kill during a save leaves the
-previous checkpoint as the latest and never a truncated one. After a save only the last `keep` are kept.
+previous checkpoint as the latest and never a truncated one (its temporary is deleted when the run
+resumes). After a save only the last `keep` are kept. Before a save the free space is checked against
+the size of the state (the older checkpoints are deleted only once the new one is whole, so they do not
+count as free), so a full disk stops the run with one line saying how much is needed where, not with
+torch's "unexpected pos" from its zip writer.
 
 The folder must not be a pipeline output: DVC and Snakemake both delete a stage's outputs before they
 rerun it, which would make resuming impossible. The pretrain stage keys it by a fingerprint of its
@@ -15,6 +19,7 @@ fresh in a folder of its own.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,9 +31,10 @@ from typing import Any
 import torch
 
 from daychat.errors import UserError
-from daychat.io import atomic_path
+from daychat.io import atomic_path, clean_stale_temps, ensure_space, free_bytes, tree_bytes
 
 _NAME = re.compile(r"step_(\d+)\.pt")
+_TEMP = re.compile(r"\.step_(\d+)\.pt\..*\.tmp")  # atomic_path's temporary of a save
 
 
 def rng_state() -> dict[str, Any]:
@@ -50,6 +56,11 @@ class Checkpointer:
     def __init__(self, folder: str | os.PathLike, keep: int = 2):
         self.folder = Path(folder)
         self.keep = max(1, keep)
+        # The temporary of a save that a kill interrupted (a run's checkpoints have one writer: its stage,
+        # which holds the stage lock, see daychat.cli).
+        if self.folder.is_dir():
+            for step in {m.group(1) for p in self.folder.iterdir() if (m := _TEMP.fullmatch(p.name))}:
+                clean_stale_temps(self.folder / f"step_{step}.pt")
 
     def path(self, step: int) -> Path:
         return self.folder / f"step_{step:06d}.pt"
@@ -67,8 +78,9 @@ class Checkpointer:
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         path = self.path(step)
+        ensure_space(self.folder, state_bytes(state), f"checkpoint {path.name}")
         with atomic_path(path) as tmp:
-            torch.save({"step": step, **state}, tmp)
+            save_file({"step": step, **state}, tmp)
         for old in self.all()[:-self.keep]:
             old.unlink(missing_ok=True)
         return path
@@ -110,6 +122,28 @@ def load_error(e: BaseException, path: str | os.PathLike, *, damaged: str, misma
                      f"other code or settings" + (f": {mismatch}" if mismatch else ""))
 
 
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a nested state (dicts, lists): what torch.save writes, less the pickle."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def save_file(state: Any, path: str | os.PathLike) -> None:
+    """torch.save, with a full disk said as one: torch's zip writer turns ENOSPC into a RuntimeError
+    ("[enforce fail at inline_container.cc] ... unexpected pos"), which daychat.cli would take for a bug."""
+    try:
+        torch.save(state, path)
+    except RuntimeError as e:
+        if free_bytes(path) >= state_bytes(state):  # room enough: not a full disk, a real error
+            raise
+        raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
+
+
 def run_fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (params, input hashes): the name of a run's checkpoint folder."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
@@ -137,13 +171,15 @@ def write_model_folder(out: str | os.PathLike, model: torch.nn.Module, config: A
     import shutil
 
     from daychat.io import atomic_dir, write_json
+    from daychat.provenance import reproducible
 
+    state = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
+    ensure_space(Path(out).parent, state_bytes(state) + tree_bytes(tokenizer), f"model folder {Path(out).name}")
     with atomic_dir(out) as tmp:
-        state = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
-        torch.save(state, tmp / MODEL_FILE)
+        save_file(state, tmp / MODEL_FILE)
         write_json(tmp / CONFIG_FILE, dataclasses.asdict(config))
         shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)
-        write_json(tmp / META_FILE, meta)
+        write_json(tmp / META_FILE, reproducible(meta))  # timings stay in the stage's metrics file
 
 
 def read_model_config(folder: str | os.PathLike):
