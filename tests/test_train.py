@@ -104,39 +104,52 @@ def doc_pieces(row: np.ndarray) -> list[tuple[int, int, int]]:
 # Loader
 
 
-def test_loader_rows_start_with_bos_and_no_token_repeats_within_an_epoch(unique_tokens):
+def test_loader_trains_every_token_of_a_document_once_and_bos_only_at_its_start(unique_tokens):
     loader = PackedLoader(unique_tokens, seed=1, buffer_docs=8)
-    seen, batches = set(), 0
+    targets, batches = [], 0
     while True:
         x, y = loader.next_batch(4, 32)
         if loader.epoch > 0:  # this batch may hold documents of the next epoch
             break
         batches += 1
-        rows = torch.cat([x, y[:, -1:]], dim=1).numpy()  # (4, 33): the packed rows
         assert x.shape == y.shape == (4, 32) and x.dtype == torch.int64
-        assert torch.equal(x[:, 1:], y[:, :-1])
-        assert (rows[:, 0] == 0).all(), "every row starts at a document's BOS"
-        for row in rows:
-            for doc, first, last in doc_pieces(row):
-                assert first == 1, "a document is placed from its start"
-                tokens = set(range(doc * 1000 + first, doc * 1000 + last + 1))
-                assert not tokens & seen, f"document {doc} was trained on twice within the epoch"
-                seen |= tokens
-    assert batches > 10 and len(seen) > 0.5 * (unique_tokens.tokens - unique_tokens.docs) * (1 - loader.crop_fraction)
+        assert y.min() >= -1 and torch.equal(x[:, 1:][y[:, :-1] >= 0], y[:, :-1][y[:, :-1] >= 0])
+        rows = torch.cat([x, y[:, -1:].clamp(min=0)], dim=1).numpy()  # (4, 33): the packed rows
+        for row, tgt in zip(rows, y.numpy()):
+            bos = np.flatnonzero(row == 0)
+            assert (row[bos[bos < 32] + 1] % 1000 == 1).all(), "a <|bos|> is followed by its document's first token"
+            # inside a piece the ids go up by one; a new piece starts at a <|bos|> or continues a document,
+            # and a continuation that does not start the row is not a target at its first token
+            for b in np.flatnonzero(np.diff(row) != 1) + 1:
+                assert row[b] == 0 or row[b - 1] == 0 or row[b] % 1000 > 1
+                if row[b] != 0 and row[b - 1] != 0:
+                    assert tgt[b - 1] == -1
+        targets += y[y > 0].tolist()
+    assert batches > 10 and loader.crop_fraction == 0 and 0 < loader.continued_fraction < 1
+    assert len(targets) == len(set(targets)), "a token was trained on twice within the epoch"
+    # every document pulled into the buffer and finished: each of its tokens was a target exactly once
+    lengths = np.diff(np.append(unique_tokens.doc_starts[0], unique_tokens.tokens))
+    state = loader.state_dict()
+    unfinished = {doc for _, doc, _ in state["buffer"]}
+    finished = [d for d in loader._epoch_order(0).tolist() if d not in unfinished][:50]
+    expected = {d * 1000 + i for d in finished for i in range(1, lengths[d])}
+    assert expected <= set(targets)
 
 
-def test_loader_measures_what_it_crops(unique_tokens):
+def test_loader_drops_nothing_and_counts_the_continued_tokens(unique_tokens):
     loader = PackedLoader(unique_tokens, seed=2, buffer_docs=8)
     for _ in range(10):  # ~1300 tokens: well inside the first epoch (~3800)
         loader.next_batch(4, 32)
     state = loader.state_dict()
-    assert state["epoch"] == 0
+    assert state["epoch"] == 0 and loader.tokens_used == 10 * 4 * 33
+    assert loader.tokens_cropped == 0 and loader.crop_fraction == 0.0
+    # documents of 150 tokens (every 7th) do not fit a row of 33: they continue over rows of their own
+    assert 0.2 < loader.continued_fraction < 0.8
     lengths = np.diff(np.append(unique_tokens.doc_starts[0], unique_tokens.tokens))
     pulled = loader._epoch_order(0)[:state["cursor"]]
-    consumed = set(pulled.tolist()) - {doc for _, doc in state["buffer"]}
-    assert loader.tokens_used == 10 * 4 * 33
-    assert loader.tokens_used + loader.tokens_cropped == lengths[sorted(consumed)].sum()
-    assert loader.crop_fraction == loader.tokens_cropped / lengths[sorted(consumed)].sum() > 0
+    left = sum(lengths[doc] - offset for _, doc, offset in state["buffer"])
+    cuts = loader.tokens_used - (lengths[pulled].sum() - left)  # each cut repeats one token (as an input)
+    assert 0 < cuts <= loader.rows
     assert 0 < loader.epochs < 1
 
 
@@ -196,6 +209,23 @@ def test_lr_shape_and_curriculum_follow_the_params():
     plan = plan_batch(64, 2, [8, 16, 32])  # 2 rows of 32 = 64 tokens a micro-batch at every length
     assert [(plan.rows(t), plan.accum_steps(t)) for t in (8, 16, 32)] == [(8, 1), (4, 1), (2, 1)]
     assert plan_batch(512, 2, [8, 32]).accum_steps(8) == 8
+
+
+def test_muon_momentum_warms_up_then_comes_down_in_the_warmdown():
+    """nanochat's get_muon_momentum: 0.85 -> 0.97 over 400 steps, 0.97 -> 0.90 over the warmdown."""
+    p = pretrain_params(horizon="tokens", tokens=10_000, total_batch=64, device_batch=2, seq_len=[[0.0, 32]],
+                        warmdown_frac=0.65)
+    s = schedule_from_params(p, scaling_params=1)
+    assert s.momentum == (0.85, 0.97, 0.90) and s.momentum_warmup_steps == 400
+    assert s.muon_momentum(0, 0.0) == 0.85 and s.muon_momentum(200, 0.1) == pytest.approx(0.91)
+    assert s.muon_momentum(400, 0.2) == s.muon_momentum(900, 0.35) == 0.97
+    assert s.muon_momentum(900, 0.35 + 0.65 / 2) == pytest.approx(0.935) and s.muon_momentum(900, 1.0) == pytest.approx(0.90)
+    assert s.muon_momentum(100, 0.9) == pytest.approx(0.88)  # inside the warmup, the warmup wins (as nanochat)
+    old = schedule_from_params(pretrain_params(muon_momentum=[0.85, 0.95, 0.95], muon_momentum_warmup_steps=300),
+                               scaling_params=1)
+    assert old.muon_momentum(150, 0.5) == pytest.approx(0.90) and old.muon_momentum(300, 0.99) == 0.95
+    with pytest.raises(UserError, match="muon_momentum"):
+        pretrain_params(muon_momentum=[0.85, 0.97])
 
 
 def test_batch_arithmetic_refuses_a_total_that_does_not_split_in_one_line():
@@ -454,13 +484,14 @@ def read_tsv(path: Path) -> dict[int, float]:
 def test_stage_writes_the_model_metrics_and_curves_and_beats_the_unigram_entropy(pretrained):
     ws = pretrained
     base = ws / "models" / "base"
-    assert {p.name for p in base.iterdir()} == {"model.pt", "config.json", "meta.json", "tokenizer"}
+    assert {p.name for p in base.iterdir()} == {"model.pt", "optimizer.pt", "config.json", "meta.json", "tokenizer"}
     meta = json.loads((base / "meta.json").read_text())
     assert meta["params"]["depth"] == yaml.safe_load((ws / "params.yaml").read_text())["pretrain"]["depth"]
     assert {"commit", "dirty"} <= set(meta["code"]) and meta["libraries"]["torch"] == torch.__version__
     metrics = json.loads((ws / "reports" / "metrics" / "pretrain.json").read_text())
     assert {"val_bpb", "train_loss", "tokens", "flops", "tok_per_s", "mfu", "peak_mem_gib", "steps", "wall_s",
-            "crop_fraction", "epochs"} <= set(metrics)
+            "crop_fraction", "continued_fraction", "epochs", "weight_decay"} <= set(metrics)
+    assert metrics["crop_fraction"] == 0 and 0 <= metrics["continued_fraction"] < 1  # nothing read is dropped
     assert metrics["tokens"] == metrics["steps"] * meta["params"]["total_batch"] and metrics["flops"] > 0
     curves = ws / "reports" / "pretrain" / "plots" / "metrics"
     losses = read_tsv(curves / "train" / "loss.tsv")
