@@ -185,6 +185,23 @@ def test_loader_epochs_are_counted_and_reproducible(unique_tokens):
     assert first_docs(0, 1) != first_docs(1, 1)
 
 
+def test_a_held_out_text_is_encoded_like_a_split_and_packed_by_the_same_loader(tmp_path):
+    from daychat.data.tokens import encode_texts
+
+    docs = ["the cat sat on the mat " * 20, "a dog ran to the red house " * 30, "rain in the hills " * 10]
+    tok = Tokenizer.train(docs, vocab_size=300)
+    (tmp_path / "eval").mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / "eval" / f"{i}.txt").write_text(doc)
+    text = encode_texts(tmp_path / "eval", tok, "pretrain.eval_text")
+    assert len(text.doc_starts[0]) == 3 and (text.shards[0][text.doc_starts[0]] == tok.bos_id).all()
+    assert text.tokens == sum(len(tok.encode(d)) + 1 for d in docs) and len(text.sha256) == 64
+    x, y = PackedLoader(text, shuffle=False).next_batch(2, 16)
+    assert x.shape == (2, 16) and x[0, 0] == tok.bos_id
+    with pytest.raises(UserError, match="pretrain.eval_text"):
+        encode_texts(tmp_path / "missing", tok, "pretrain.eval_text")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Schedule and batch arithmetic
 
@@ -373,6 +390,30 @@ def test_checkpointer_keeps_the_last_k_and_ignores_unfinished_files(tmp_path):
         checkpointer.load()
 
 
+def test_a_background_save_writes_the_state_of_the_call_and_surfaces_its_errors(tmp_path, monkeypatch):
+    checkpointer = Checkpointer(tmp_path / "ck", keep=2)
+    w = torch.arange(6.0)
+    state = {"model": {"w": w}, "loop": {"history": [{"step": 1}]}, "rng": {"torch": torch.get_rng_state()}}
+    path = checkpointer.save_async(1, state)
+    w.add_(100.0)  # training goes on while the thread writes
+    state["loop"]["history"].append({"step": 2})
+    checkpointer.wait()
+    assert checkpointer.latest() == path
+    loaded = checkpointer.load(path)
+    assert torch.equal(loaded["model"]["w"], torch.arange(6.0)) and loaded["loop"]["history"] == [{"step": 1}]
+    assert loaded["step"] == 1 and torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
+
+    def broken(step, state):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointer, "save", broken)
+    checkpointer.save_async(2, state)
+    with pytest.raises(UserError, match="writing a checkpoint .* failed .*disk full"):
+        checkpointer.wait()
+    checkpointer.wait()  # reported once
+    assert checkpointer.latest() == path
+
+
 def test_bits_per_byte_leaves_out_special_and_ignored_tokens():
     model = tiny_gpt(vocab=64)
     token_bytes = torch.randint(1, 4, (64,), generator=torch.Generator().manual_seed(1))
@@ -467,8 +508,13 @@ def ci_workspace(tmp_path_factory) -> Path:
 def pretrained(ci_workspace) -> Path:
     # With the CORE proxy on (2 items per task of the real bundle): it must not change what is trained.
     params = yaml.safe_load((ci_workspace / "params.yaml").read_text())
+    # and a held-out text beside the val split (pretrain.eval_text): two documents no run trained on
+    heldout = ci_workspace / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
+        "The river rose in the night, and by morning the lower fields were under water.",
+        "A function returns a value; a procedure changes the state of the program.")))
     params["pretrain"].update(core_source="local", core_path=str(ROOT.parent / "shared/data/eval_bundle"),
-                              core_max_per_task=2, core_every=1)
+                              core_max_per_task=2, core_every=1, eval_text=str(heldout))
     (ci_workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = subprocess.run(pretrain_cmd(), cwd=ci_workspace, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -492,6 +538,7 @@ def test_stage_writes_the_model_metrics_and_curves_and_beats_the_unigram_entropy
     assert {"val_bpb", "train_loss", "tokens", "flops", "tok_per_s", "mfu", "peak_mem_gib", "steps", "wall_s",
             "crop_fraction", "continued_fraction", "epochs", "weight_decay"} <= set(metrics)
     assert metrics["crop_fraction"] == 0 and 0 <= metrics["continued_fraction"] < 1  # nothing read is dropped
+    assert 0 < metrics["heldout_bpb"] < 20 and meta["data"]["eval_text_sha256"]  # pretrain.eval_text measured
     assert metrics["tokens"] == metrics["steps"] * meta["params"]["total_batch"] and metrics["flops"] > 0
     curves = ws / "reports" / "pretrain" / "plots" / "metrics"
     losses = read_tsv(curves / "train" / "loss.tsv")

@@ -40,6 +40,7 @@ def comments(plan: Plan) -> dict[str, str]:
         "n_kv_head": "0 = no GQA: memory is not the binding constraint at this size",
         "window_pattern": "all-global: SDPA has no sliding-window kernel that skips the masked work",
         "horizon": "warm down on time whatever throughput the card gives",
+        "tokens": "the tokens the plan expects: the horizon daychat.optim.transfer scales Muon's weight decay for",
         "budget_h": f"{i.pretrain_share:.0%} of {i.hours:g} h; the rest: data stages, SFT, evals, margin",
         "total_batch": f"power of two nearest DeepSeek LLM's B_opt = 0.292 C^0.327 at C = {c.compute:.2e}",
         "device_batch": f"rows of {c.max_seq_len} per micro-batch, {c.accum_steps} a step; est. "
