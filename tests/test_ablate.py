@@ -90,6 +90,7 @@ def test_report_and_plot_from_results(tmp_path):
     text = md.read_text()
     assert "| rope-10k |" in text and "+0.0500" in text and "baseline better" in text and "Spearman" in text
     assert "![paired differences" in text and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| rope-10k | baseline better | baseline better | the default measured better at every scale |" in text
     assert png.stat().st_size < 300_000
 
 

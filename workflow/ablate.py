@@ -374,6 +374,34 @@ def proxy_check(cfg: dict, summary: dict) -> dict | None:
             "best_short": best_short, "best_long": best_long}
 
 
+def decisions(cfg: dict, summary: dict) -> list[dict]:
+    """Per variant, its verdicts at every scale (short budget) and what they say about the baseline's
+    value: measured better here, or within noise here and so resting on the variant's `evidence`."""
+    keys = [k for k in summary if k.endswith("/short")]
+    out = []
+    for v in cfg["variants"][1:]:
+        verdicts = {}
+        for key in keys:
+            row = next((r for r in summary[key] if r["variant"] == v["name"]), None)
+            if row:
+                verdicts[key.split("/")[0]] = row["verdict"]
+        found = set(verdicts.values())
+        evidence = v.get("evidence", "")
+        if "variant better" in found:
+            reading = "the variant measured better at " + ", ".join(s for s, x in verdicts.items() if x == "variant better")
+        elif found == {"baseline better"}:
+            reading = "the default measured better at every scale"
+        elif "baseline better" in found:
+            reading = ("the default measured better at " + ", ".join(s for s, x in verdicts.items() if x == "baseline better")
+                       + ", within noise elsewhere")
+        elif found == {"within noise"}:
+            reading = "within noise here" + (f"; the default rests on {evidence}" if evidence else "")
+        else:
+            reading = "not enough seeds to tell"
+        out.append({"variant": v["name"], "verdicts": verdicts, "reading": reading})
+    return out
+
+
 def plot(cfg: dict, summary: dict, proxy: dict | None, path: Path) -> None:
     import matplotlib
 
@@ -434,6 +462,16 @@ def write_report(cfg: dict, summary: dict, proxy: dict | None, results: list[dic
             dci = "" if r["variant"] == baseline else _pm(r["delta_ci"])
             lines.append(f"| {r['variant']} | {r['about']} | {r['n']} | {r['mean']:.4f} | {_pm(r['ci'])} | {delta} | "
                          f"{dci} | {r['verdict']} | {r['evidence']} |")
+        lines.append("")
+    table = decisions(cfg, summary)
+    if table:
+        scales = list(table[0]["verdicts"])
+        lines += ["## What the measurements say about each default", "",
+                  f"| variant (the previous value) | {' | '.join(scales)} | reading |",
+                  "|---|" + "---|" * len(scales) + "---|"]
+        for d in table:
+            lines.append(f"| {d['variant']} | " + " | ".join(d["verdicts"].get(s, "") for s in scales)
+                         + f" | {d['reading']} |")
         lines.append("")
     if proxy:
         lines += [f"## Proxy check: is the short budget's ranking the {proxy['factor']}x longer budget's?", "",
