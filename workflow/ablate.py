@@ -266,6 +266,12 @@ def prepare_workspace(cfg: dict, ws: Path, code: Path, env: dict) -> dict:
     return params
 
 
+def experiment_names(ws: Path, env: dict) -> set[str]:
+    """Names of the experiments committed in the workspace (DVC makes the ref when a run succeeds)."""
+    refs = sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], ws, env).stdout.split()
+    return {ref.rsplit("/", 1)[-1] for ref in refs}
+
+
 def finished_runs(ws: Path, env: dict, metrics_file: str) -> dict[str, dict]:
     """name -> metrics of every experiment in the workspace that wrote its metrics file."""
     refs = sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], ws, env).stdout.split()
@@ -278,19 +284,35 @@ def finished_runs(ws: Path, env: dict, metrics_file: str) -> dict[str, dict]:
     return done
 
 
-def queue_status(ws: Path, env: dict) -> dict[str, str]:
-    """name -> status (Queued, Running, Success, Failed) from `dvc queue status`."""
-    out = sh(["dvc", "queue", "status"], ws, env).stdout
-    status = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 4 and parts[0] != "Task" and parts[-1] in ("Queued", "Running", "Success", "Failed"):
-            status[parts[1]] = parts[-1]
-    return status
+def worker_pids(ws: Path) -> list[int]:
+    """PIDs of the DVC queue workers still running in `ws` (DVC keeps one .pid file per worker under
+    .dvc/tmp/exps/celery/; a worker exits when the queue is empty)."""
+    pids = []
+    for f in (ws / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
+        try:
+            pid = int(f.read_text().strip())
+            if b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except (ValueError, OSError):
+            continue
+    return pids
+
+
+def start_worker(ws: Path, env: dict) -> None:
+    # not captured: the worker it starts keeps the pipes open until the queue is empty
+    started = subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=ws, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    if started.returncode != 0:
+        raise AblateError(f"`dvc queue start -j 1` failed in {ws} (exit {started.returncode})")
 
 
 def run_queue(runs: list[dict], ws: Path, env: dict, poll_s: float) -> None:
-    """Queue the runs, start one worker, wait until none is queued or running."""
+    """Queue the runs, start one worker, wait until it has run them all (or stops making progress).
+
+    Progress is read from the experiment refs, never from `dvc queue status` while the worker runs: that
+    command talks to the worker through the queue's broker files, and the race can kill the worker
+    (treeverse/dvc#7903, dvc-task#73; seen here after ~40 runs). A worker that died with runs left is
+    restarted as long as the previous one finished something."""
     sh(["dvc", "queue", "remove", "--queued", "--failed"], ws, env, check=False)
     for run in runs:
         cmd = ["dvc", "exp", "run", "--queue", "-n", run["name"]]
@@ -299,30 +321,35 @@ def run_queue(runs: list[dict], ws: Path, env: dict, poll_s: float) -> None:
         sh(cmd + ["pretrain"], ws, env)
     print(f"[ablate] queued {len(runs)} runs; `dvc queue start -j 1` in {_rel(ws)} (follow one with "
           f"`dvc queue logs NAME`)", flush=True)
-    # not captured: the worker it starts keeps the pipes open until the queue is empty
-    started = subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=ws, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    if started.returncode != 0:
-        raise AblateError(f"`dvc queue start -j 1` failed in {ws} (exit {started.returncode})")
     names = {r["name"] for r in runs}
-    t0, reported = time.time(), -1
+    t0, reported, restarts = time.time(), -1, 0
+    start_worker(ws, env)
+    done_at_start = 0
     try:
         while True:
-            status = {n: s for n, s in queue_status(ws, env).items() if n in names}
-            done = sum(s in ("Success", "Failed") for s in status.values())
+            done = len(names & experiment_names(ws, env))
             if done != reported:
-                failed = sum(s == "Failed" for s in status.values())
                 eta = (time.time() - t0) / done * (len(names) - done) if done else float("nan")
-                print(f"[ablate] {done}/{len(names)} runs done ({failed} failed), {(time.time() - t0) / 60:.1f} min, "
+                print(f"[ablate] {done}/{len(names)} runs done, {(time.time() - t0) / 60:.1f} min, "
                       f"eta {eta / 60:.0f} min", flush=True)
                 reported = done
-            if not any(s in ("Queued", "Running") for s in status.values()):
+            if done == len(names):
                 break
+            if not worker_pids(ws):
+                time.sleep(5)  # a worker that is just starting has not written its pid yet
+                if worker_pids(ws):
+                    continue
+                if done == done_at_start or restarts >= 20:
+                    break  # what is left failed (or keeps killing the worker): reported by the caller
+                restarts += 1
+                done_at_start = done
+                print(f"[ablate] the queue worker stopped with {len(names) - done} runs left; restarting it", flush=True)
+                start_worker(ws, env)
             time.sleep(poll_s)
     except KeyboardInterrupt:
         sh(["dvc", "queue", "stop", "--kill"], ws, env, check=False)
         raise AblateError("interrupted: the queue was stopped; finished runs are kept, rerun to continue") from None
-    finally:
+    if worker_pids(ws):
         sh(["dvc", "queue", "stop"], ws, env, check=False)
 
 
