@@ -445,11 +445,11 @@ def golden_losses(folder: Path) -> list[float]:
     torch.set_num_threads(1)  # one summation order, whatever the machine
     try:
         model = tiny_gpt(vocab=g["vocab"], seq_len=32, depth=g["depth"])
-        optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004,
+        optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008,
                                       scalar_lr=0.5, weight_decay=0.1)
         loader = PackedLoader(TokenShards(dataset, "train"), seed=0, buffer_docs=32)
         schedule = Schedule(Horizon("tokens", tokens=g["steps"] * g["total_batch"]), warmup_steps=2,
-                            warmdown_frac=0.5, final_lr_frac=0.1, curriculum=g["seq_len"])
+                            warmdown_frac=0.65, final_lr_frac=0.1, curriculum=g["seq_len"])
         plan = plan_batch(g["total_batch"], g["device_batch"], [t for _, t in g["seq_len"]])
         state = Trainer(model, optimizers, loader, schedule, plan, LoopSettings(log_every=1)).run()
     finally:
