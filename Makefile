@@ -7,7 +7,7 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 CORES      ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup setup-cluster demo test bench faults plan sweep chat serve clean-demo rehearse gpu-check
+.PHONY: setup setup-cluster demo test bench faults plan sweep ablate chat serve clean-demo rehearse gpu-check
 
 setup: $(VENV)/.daychat-installed
 
@@ -71,6 +71,11 @@ gpu-check:
 sweep: setup
 	$(PY) -m workflow.sweep --source ../shared/data/corpus/mixed --workspace runs/sweep-mixed \
 		--budgets 1e11,2e11,4e11,8e11,1.6e12,3.2e12,6.4e12
+
+# Seeded ablations (workflow/ablate.yaml: variants x seeds x two CPU scales at fixed FLOP budgets) as queued DVC
+# experiments in runs/ablate/, one at a time; reports/ablate.md. ABLATE='--config my.yaml' runs your own.
+ablate: setup
+	nice -n 10 $(PY) -m workflow.ablate $(ABLATE)
 
 # Talk to a model: make chat (models/sft of the root run), or MODEL=runs/demo/models/sft.
 chat: setup

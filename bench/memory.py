@@ -33,7 +33,8 @@ OUT = ROOT / "reports" / "bench" / "memory.json"
 
 # name: GPTConfig fields + rows, seq_len. Tiny to small, chosen so each peak is 50 MB - 1 GB (process
 # noise is a few MB) and so that different terms dominate: wide vocab (logits), deep (activations),
-# wide model (weights and optimizer), value embeddings on/off, softcap off, activation checkpointing.
+# wide model (weights and optimizer), value embeddings on/off, softcap, smear and backout off, bf16
+# embeddings (their weights, gradients and Adam state at 2 bytes), activation checkpointing.
 GRID = {
     "d2-v8k": dict(depth=2, aspect_ratio=64, head_dim=64, vocab_size=8192, rows=4, seq_len=256),
     "d4-v4k-T512": dict(depth=4, aspect_ratio=32, head_dim=32, vocab_size=4096, rows=8, seq_len=512),
@@ -42,7 +43,9 @@ GRID = {
     "d12-v1k-wide": dict(depth=12, aspect_ratio=64, head_dim=64, vocab_size=1024, rows=2, seq_len=256),
     "d4-v32k": dict(depth=4, aspect_ratio=64, head_dim=64, vocab_size=32768, rows=2, seq_len=256),
     "d6-noVE-nocap": dict(depth=6, aspect_ratio=64, head_dim=64, vocab_size=8192, rows=4, seq_len=512,
-                          value_embeds=False, softcap=0.0),
+                          value_embeds=False, softcap=0.0, smear=False, backout=False),
+    "d4-v32k-bf16emb": dict(depth=4, aspect_ratio=64, head_dim=64, vocab_size=32768, rows=2, seq_len=256,
+                            embedding_dtype="bf16"),
     "d8-ckpt": dict(depth=8, aspect_ratio=64, head_dim=64, vocab_size=2048, rows=4, seq_len=512,
                     activation_checkpointing=True),
 }

@@ -162,10 +162,25 @@ class PretrainParams:
     window_pattern: str = "L"  # attention span per layer, tiled over depth: L = global, S = short_window
     short_window: int = knob(1024, min=1)
     softcap: float = knob(15.0, min=0.0)  # logit soft-capping (0 = off)
+    # Architecture and init switches (daychat.model.GPTConfig documents each; defaults are nanochat's tuned
+    # state of 2026-07, reports/ablate.md measures each against the value before it, given in brackets).
+    rope_base: float = knob(100_000.0, min=1.0)  # rotary base theta [10,000]
+    qk_scale: float = knob(1.2, min=0.01)  # q, k x this after QK-norm [1.0]
+    ve_gate_inputs: int = knob(12, min=1)  # channels the value-embedding gate reads [32]
+    ve_gate_scale: float = knob(3.0, min=0.01)  # gate range (0, scale) [2.0]
+    ve_gate_init: float = knob(0.02, min=0.0)  # gate weights ~ U(0, this) [0: zeros]
+    fc_init_scale: float = knob(0.4, min=0.01)  # c_fc init bound x this [1.0]
+    wte_init_std: float = knob(0.8, min=0.01)  # token embedding init std [1.0]
+    lambda_init: str = knob("ramp", choices=("ramp", "flat"))  # resid/x0 lambdas 1.15->1.05, 0.20->0.05 [flat 1, 0.1]
+    smear: bool = True  # previous-token embedding gate [off]
+    backout: bool = True  # subtract a learned share of the mid-depth stream before the head [off]
+    # Storage of the token and value embeddings (their weights, gradients and Adam moments): auto = bf16 on
+    # CUDA (half the memory of the model's largest tables), fp32 on a CPU.
+    embedding_dtype: str = knob("auto", choices=("auto", "fp32", "bf16"))
     # Horizon: `tokens` tokens, `tokens_per_param` x the model's scaling params, or `budget_h` hours of
     # training wall clock (the lr warms down on time whatever the throughput; data wraps into more epochs).
     horizon: str = knob("time", choices=("tokens", "ratio", "time"))
-    tokens: int = knob(0, min=0)  # horizon: tokens
+    tokens: int = knob(0, min=0)  # horizon: tokens; horizon: time: the expected tokens (the plan's), for wd_rule
     tokens_per_param: float = knob(20.0, min=0.0)  # horizon: ratio (Chinchilla ~20)
     budget_h: float = knob(20.0, min=0.0)  # horizon: time
     # Batch: tokens per optimizer step, rows per micro-batch at the longest seq_len (same tokens per
@@ -174,16 +189,29 @@ class PretrainParams:
     device_batch: int = knob(4, min=1)
     seq_len: list[list[float]] = knob([[0.0, 512], [0.5, 1024], [0.85, 2048]])
     # Optimizers (daychat.optim): Muon for the block matrices, AdamW for embeddings, head and scalars.
+    # Base values at nanochat's reference point (d12, 2^19-token steps, 1.32B tokens), moved to this run by
+    # daychat.optim.transfer: AdamW LRs x (model_dim/768)^-0.5; every LR x (total_batch/2^19)^lr_batch_exponent;
+    # Muon's weight decay (wd_rule: horizon) x (total_batch/2^19)^(1-lr_batch_exponent) x (1.32B / tokens).
     matrix_lr: float = knob(0.02, min=0.0)
     embedding_lr: float = knob(0.3, min=0.0)
-    unembedding_lr: float = knob(0.004, min=0.0)
+    unembedding_lr: float = knob(0.008, min=0.0)  # [0.004]
     scalar_lr: float = knob(0.5, min=0.0)
-    weight_decay: float = knob(0.2, min=0.0)  # Muon's cautious weight decay, cosine to 0 over the horizon
-    adam_beta1: float = knob(0.8, min=0.0, max=1.0)
-    adam_beta2: float = knob(0.95, min=0.0, max=1.0)
+    weight_decay: float = knob(0.28, min=0.0)  # Muon's cautious weight decay, cosine to 0 over the horizon [0.2]
+    lr_batch_exponent: float = knob(0.0, min=0.0, max=1.0)  # nanochat: 0.5
+    wd_rule: str = knob("horizon", choices=("horizon", "none"))  # [none]
+    adam_groups: str = knob("tuned", choices=("tuned", "shared"))  # per-group betas and decays [shared]
+    adam_beta1: float = knob(0.8, min=0.0, max=1.0)  # adam_groups: shared only
+    adam_beta2: float = knob(0.95, min=0.0, max=1.0)  # adam_groups: shared only
+    muon_beta2: float = knob(0.9, min=0.0, max=0.999)  # NorMuon's second moment [0.95]
+    muon_eq: bool = True  # MuonEq row equilibration [off]
+    muon_plus: bool = True  # Muon+ renormalisation [off]
+    # Muon momentum [start, peak, end]: start -> peak over muon_momentum_warmup_steps, then peak -> end over
+    # the warmdown [0.85, 0.95, 0.95 over 300 steps].
+    muon_momentum: list[float] = knob([0.85, 0.97, 0.90])
+    muon_momentum_warmup_steps: int = knob(400, min=0)
     # Learning-rate shape: linear warmup over steps, constant, linear warmdown over the last fraction.
     warmup_steps: int = knob(40, min=0)
-    warmdown_frac: float = knob(0.5, min=0.0, max=1.0)
+    warmdown_frac: float = knob(0.65, min=0.0, max=1.0)  # [0.5]
     final_lr_frac: float = knob(0.05, min=0.0, max=1.0)
     # Data: documents the best-fit packer chooses from; a new random document order each epoch.
     buffer_docs: int = knob(1000, min=1)
@@ -215,7 +243,16 @@ class PretrainParams:
     save_every: int = knob(0, min=0)  # steps between checkpoints (0 = off)
     save_every_min: float = knob(30.0, min=0.0)  # minutes between checkpoints (0 = off)
     keep_checkpoints: int = knob(2, min=1)
+    # Checkpoints are copied to host memory at a step boundary and written by a background thread while
+    # training goes on (false: written before the next step, as a plain save).
+    save_background: bool = True
+    # models/base/optimizer.pt: the final optimizer state, so that SFT continues from it (sft.load_optimizer)
+    save_optimizer: bool = True
     loss_spike: float = knob(3.0, min=0.0)  # stop when a step's loss > this x the smoothed loss (0 = off)
+    # A fixed held-out text for val bpb beside the val split (a parquet/jsonl/txt file or folder, as
+    # download.source: local reads it): metric heldout_bpb. "" = none. For comparing runs whose data stages
+    # differ (reports/ablate.md): every run is measured on the same text, which none of them trained on.
+    eval_text: str = ""
     # A CORE proxy during training (daychat.eval.core on at most core_max_per_task items per task), at
     # every core_every-th evaluation, logged as the curve core/proxy. Its own bundle source (url | local |
     # demo, as core_eval.source; "" = off) so that editing the core_eval section never reruns pretraining.
@@ -228,7 +265,7 @@ class PretrainParams:
     NOT_IN_FINGERPRINT = ("eval_every", "eval_tokens", "log_every", "save_every", "save_every_min",
                           "keep_checkpoints", "loss_spike", "core_source", "core_path", "core_every",
                           "core_max_per_task", "gpus", "ema_pick", "activation_checkpointing", "memory_gib",
-                          "memory_margin")
+                          "memory_margin", "save_background", "save_optimizer", "eval_text")
 
     def curriculum(self) -> list[tuple[float, int]]:
         return [(float(fraction), int(seq_len)) for fraction, seq_len in self.seq_len]
@@ -255,22 +292,37 @@ class PretrainParams:
             raise ParamsError(f"pretrain.{needed[0]}", f"must be > 0 when pretrain.horizon is {self.horizon}")
         if not self.window_pattern or set(self.window_pattern) - {"L", "S"}:
             raise ParamsError("pretrain.window_pattern", f"must be a string of L and S, got {self.window_pattern!r}")
+        if len(self.muon_momentum) != 3 or not all(0.0 <= m < 1.0 for m in self.muon_momentum):
+            raise ParamsError("pretrain.muon_momentum", f"must be [start, peak, end], each in [0, 1), got {self.muon_momentum}")
         self.check_model()
+
+    def model_config(self, vocab_size: int, sequence_len: int, device_type: str = "cuda"):
+        """The daychat.model.GPTConfig this section describes, on a device of `device_type` (embedding_dtype
+        auto: bf16 on CUDA, fp32 on a CPU). The one place a pretrain section becomes a model shape: the
+        stage, the rehearsal and the check below all go through it."""
+        from daychat.model import GPTConfig  # imports torch: only where a model is built or checked
+
+        embedding_dtype = (self.embedding_dtype if self.embedding_dtype != "auto"
+                           else "bf16" if device_type == "cuda" else "fp32")
+        return GPTConfig(vocab_size=vocab_size, sequence_len=sequence_len, depth=self.depth,
+                         aspect_ratio=self.aspect_ratio, head_dim=self.head_dim, n_kv_head=self.n_kv_head or None,
+                         window_pattern=self.window_pattern, short_window=self.short_window, softcap=self.softcap,
+                         rope_base=self.rope_base, qk_scale=self.qk_scale, ve_gate_inputs=self.ve_gate_inputs,
+                         ve_gate_scale=self.ve_gate_scale, ve_gate_init=self.ve_gate_init,
+                         fc_init_scale=self.fc_init_scale, wte_init_std=self.wte_init_std,
+                         lambda_init=self.lambda_init, smear=self.smear, backout=self.backout,
+                         embedding_dtype=embedding_dtype)
 
     def check_model(self) -> None:
         """The model's own shape rules (daychat.model.GPTConfig), as an error naming the params key at fault."""
-        from daychat.model import GPTConfig  # imports torch: only where pretrain params are checked
-
         try:
-            GPTConfig(vocab_size=1, sequence_len=max(seq_len for _, seq_len in self.curriculum()), depth=self.depth,
-                      aspect_ratio=self.aspect_ratio, head_dim=self.head_dim, n_kv_head=self.n_kv_head or None,
-                      window_pattern=self.window_pattern, short_window=self.short_window, softcap=self.softcap)
+            self.model_config(1, max(seq_len for _, seq_len in self.curriculum()))
         except ValueError as e:
             message = str(e).removeprefix("GPTConfig: ")
             # GPTConfig names its own fields; the first pretrain key its message mentions is the one to edit
             # (n_kv_head before head_dim: "n_head (... / head_dim 32) must be a multiple of n_kv_head (3)").
             key = next((k for k in ("n_kv_head", "head_dim", "window_pattern", "short_window", "softcap",
-                                    "aspect_ratio", "depth") if k in message), "depth")
+                                    "ve_gate_inputs", "aspect_ratio", "depth") if k in message), "depth")
             raise ParamsError(f"pretrain.{key}", f"does not make a valid model: {message}") from None
 
 
@@ -511,16 +563,23 @@ class SftParams:
     # Horizon: `steps` optimizer steps, or (steps 0) `epochs` passes over the mixture.
     epochs: float = knob(1.0, min=0.0)
     steps: int = knob(0, min=0)
-    # Optimizers (daychat.optim, as pretraining) and the learning-rate shape.
+    # Optimizers (daychat.optim, the pretraining's groups and switches, read from the base model's meta.json)
+    # and the learning-rate shape. nanochat's chat_sft: the pretraining's base LRs, x init_lr_frac 0.8 from
+    # the first step, no weight decay, warmdown over the last half to 0, and the pretraining optimizer's
+    # state loaded (momentum buffers and Adam moments: "slightly better" than a fresh optimizer, its
+    # dev/LOG.md 2026-02-16). The warmup is daychat's: it eases the jump from the end of pretraining's
+    # warmdown (5% of the LR) back to 80%.
     matrix_lr: float = knob(0.02, min=0.0)
-    embedding_lr: float = knob(0.2, min=0.0)
-    unembedding_lr: float = knob(0.004, min=0.0)
+    embedding_lr: float = knob(0.3, min=0.0)
+    unembedding_lr: float = knob(0.008, min=0.0)
     scalar_lr: float = knob(0.5, min=0.0)
     weight_decay: float = knob(0.0, min=0.0)
-    adam_beta1: float = knob(0.8, min=0.0, max=1.0)
+    adam_beta1: float = knob(0.8, min=0.0, max=1.0)  # the base's adam_groups: shared only
     adam_beta2: float = knob(0.95, min=0.0, max=1.0)
-    warmup_steps: int = knob(0, min=0)
-    warmdown_frac: float = knob(0.2, min=0.0, max=1.0)
+    load_optimizer: bool = True  # continue from models/base/optimizer.pt (fresh optimizers when it is absent)
+    init_lr_frac: float = knob(0.8, min=0.0, max=1.0)  # every LR x this over the whole run (nanochat: 0.8)
+    warmup_steps: int = knob(20, min=0)
+    warmdown_frac: float = knob(0.5, min=0.0, max=1.0)  # nanochat: 0.5 measured best
     final_lr_frac: float = knob(0.0, min=0.0, max=1.0)
     device: str = knob("auto", choices=("auto", "cuda", "cpu"))
     precision: str = knob("auto", choices=("auto", "bf16", "fp32"))

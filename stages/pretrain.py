@@ -11,7 +11,9 @@ before they rerun a stage.
 
 Writes, at the end and each as a whole: models/base/ (model.pt, config.json, tokenizer/, meta.json; see
 daychat.train.checkpoint), step-wise dvclive TSVs under <live>/plots/metrics/, and flat metrics: val_bpb,
-train_loss, tokens, flops, tok_per_s, mfu, peak_mem_gib, steps, wall_s, crop_fraction, epochs, params.
+train_loss, tokens, flops, tok_per_s, mfu, peak_mem_gib, steps, wall_s, crop_fraction (0: the loader drops
+nothing), continued_fraction, epochs, params, weight_decay (after daychat.optim.transfer), and heldout_bpb
+with pretrain.eval_text. models/base/optimizer.pt holds the final optimizer state (pretrain.save_optimizer).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from daychat.model import GPT, GPTConfig
 from daychat.model.gpt import ROTARY_HEADROOM
 from daychat.model.fp8 import convert_to_fp8, fp8_supported
 from daychat.optim import build_optimizers
+from daychat.optim.transfer import transfer
 from daychat.params import load_section
 from daychat.plan.memory import in_training_static, scoring_phase, training_phases
 from daychat.plan.preflight import check_phase, preflight, scoring_batch, summary
@@ -77,9 +80,7 @@ def main() -> None:
     torch.manual_seed(p.seed)
     curriculum = p.curriculum()
     plan = plan_batch(p.total_batch, p.device_batch, [seq_len for _, seq_len in curriculum])
-    config = GPTConfig(vocab_size=tok.vocab_size, sequence_len=plan.max_seq_len, depth=p.depth,
-                       aspect_ratio=p.aspect_ratio, head_dim=p.head_dim, n_kv_head=p.n_kv_head or None,
-                       window_pattern=p.window_pattern, short_window=p.short_window, softcap=p.softcap)
+    config = p.model_config(tok.vocab_size, plan.max_seq_len, device.type)
     core_tasks = load_bundle(resolve(p.core_source, args.eval_cache, path=p.core_path)) if p.core_source else []
     core_tokens = preflight_memory(p, config, plan, device, core_tasks)  # before anything is allocated on the device
     with torch.device("meta"):  # shapes only; the weights are allocated once, on the device
@@ -96,21 +97,26 @@ def main() -> None:
     if dist is not None:
         dist.broadcast_parameters(model)
     counts = model.num_params()
-    optimizers = build_optimizers(model, matrix_lr=p.matrix_lr, embedding_lr=p.embedding_lr,
-                                  unembedding_lr=p.unembedding_lr, scalar_lr=p.scalar_lr,
-                                  weight_decay=p.weight_decay, adam_betas=(p.adam_beta1, p.adam_beta2))
     schedule = schedule_from_params(p, counts["matmul"])
+    rule = transfer(total_batch=p.total_batch, model_dim=config.model_dim, weight_decay=p.weight_decay,
+                    tokens=schedule.horizon.tokens if schedule.horizon.kind == "tokens" else p.tokens,
+                    lr_batch_exponent=p.lr_batch_exponent, wd_rule=p.wd_rule)
+    optimizers = optimizers_from_params(model, p, rule)
     loader = PackedLoader(train_shards, seed=p.seed, shuffle=p.shuffle, buffer_docs=p.buffer_docs, device=device)
 
     autocast = autocast_for(device, p.precision)
     token_bytes = torch.tensor(tok.token_bytes(), device=device)
 
+    heldout = heldout_shards(p.eval_text, tok) if p.eval_text else None
     evaluations = 0
 
     def evaluate(forward: torch.nn.Module) -> dict[str, float]:
         nonlocal evaluations
         batches = val_batches(val_shards, p.device_batch, plan.max_seq_len, p.eval_tokens, device)
         results = {"val/bpb": evaluate_bpb(forward, batches, token_bytes, autocast)}
+        if heldout is not None:
+            batches = val_batches(heldout, p.device_batch, plan.max_seq_len, p.eval_tokens, device)
+            results["heldout/bpb"] = evaluate_bpb(forward, batches, token_bytes, autocast)
         if core_tasks and evaluations % p.core_every == 0:
             # The plain model, not the compiled one: CORE's batches come in every shape, and each new
             # shape would recompile it. Scored as core_eval scores it: uncropped, bf16 (no FP8 without grad),
@@ -134,7 +140,8 @@ def main() -> None:
     settings = LoopSettings(device=device, precision=p.precision, compile=p.compile, eval_every=p.eval_every,
                             log_every=p.log_every, loss_spike=p.loss_spike, peak_flops=peak, section=NAME)
     policy = CheckpointPolicy(checkpointer, every_steps=p.save_every, every_s=p.save_every_min * 60,
-                              extra={"params": params, "config": dataclasses.asdict(config)})
+                              extra={"params": params, "config": dataclasses.asdict(config)},
+                              background=p.save_background)
     ema = EMA(model, decay_for(p.ema_halflife_tokens, p.total_batch)) if p.ema_halflife_tokens else None
     main_rank = dist is None or dist.is_main
     batches = loader if dist is None else distributed.ShardedBatches(loader, dist.rank, dist.world_size)
@@ -145,6 +152,7 @@ def main() -> None:
                  f"({counts['matmul'] / 1e6:.2f}M in matmuls), {model.estimate_flops():.3g} FLOPs/token at T={plan.max_seq_len}")
     status(NAME, f"{device_name(device)}; MFU against {peak_source}" + (f" = {peak / 1e12:.3g} TFLOPS" if peak else ""))
     status(NAME, f"schedule: {schedule.describe()}")
+    status(NAME, f"hyperparameter transfer (daychat.optim.transfer): {rule.describe()}")
     status(NAME, f"batch: {p.total_batch:,} tokens a step = " + ", ".join(
         f"{plan.accum_steps(t)} x {plan.rows(t)} rows of {t}" for t in sorted({t for _, t in curriculum})))
     if dist is not None:
@@ -181,8 +189,11 @@ def main() -> None:
         "steps": state.step,
         "wall_s": state.elapsed_s,
         "crop_fraction": loader.crop_fraction,
+        "continued_fraction": loader.continued_fraction,
         "epochs": loader.epochs,
         "params": counts["total"],
+        "weight_decay": rule.weight_decay,
+        **({"heldout_bpb": state.val.get("heldout/bpb")} if heldout is not None else {}),
         **({"val_bpb_ema": val_bpb_ema} if ema is not None else {}),
     }
     meta = {
@@ -195,7 +206,9 @@ def main() -> None:
         "hardware": {**provenance.hardware(gpu=device.type == "cuda"), "device": device_name(device),
                      "peak_flops": peak, "peak_flops_source": peak_source},
         "data": {"tokens": str(args.tokens), "tokens_meta_sha256": sha256_file(Path(args.tokens) / META),
-                 "tokenizer_sha256": tokenizer_sha, "train_tokens": train_shards.tokens, "val_tokens": val_shards.tokens},
+                 "tokenizer_sha256": tokenizer_sha, "train_tokens": train_shards.tokens, "val_tokens": val_shards.tokens,
+                 **({"eval_text": p.eval_text, "eval_text_sha256": heldout.sha256} if heldout is not None else {})},
+        "transfer": dataclasses.asdict(rule),
         "run": {"fingerprint": fingerprint, "schedule": schedule.describe(), "gpus": world, "fp8": p.fp8},
         # which weights model.pt holds: the raw ones or their EMA (pretrain.ema_pick), with both val bpbs
         "weights": {"chosen": chosen, "ema_pick": p.ema_pick if ema is not None else None,
@@ -204,11 +217,29 @@ def main() -> None:
         "metrics": metrics,
     }
     with ema.applied() if chosen == "ema" else contextlib.nullcontext():
-        write_model_folder(args.out, model, config, meta, args.tokenizer)
+        # the optimizer state belongs to the raw weights (SFT continues from them: sft.load_optimizer)
+        optimizer_state = [opt.state_dict() for opt in optimizers] if p.save_optimizer else None
+        write_model_folder(args.out, model, config, meta, args.tokenizer, optimizers=optimizer_state)
     write_metrics(args.metrics, metrics)
     status(NAME, f"val bpb {metrics['val_bpb']:.4f} after {state.tokens:,} tokens in {state.step:,} steps "
                  f"({state.elapsed_s / 60:.1f} min); model in {args.out}")
     distributed.shutdown()
+
+
+def optimizers_from_params(model: GPT, p, rule) -> list:
+    """[AdamW, Muon] for a `pretrain` params section, with the transfer rule's factors applied."""
+    return build_optimizers(model, matrix_lr=p.matrix_lr, embedding_lr=p.embedding_lr, unembedding_lr=p.unembedding_lr,
+                            scalar_lr=p.scalar_lr, weight_decay=rule.weight_decay,
+                            adam_betas=(p.adam_beta1, p.adam_beta2), adam_groups=p.adam_groups,
+                            lr_factor=rule.lr_factor, muon_beta2=p.muon_beta2, muon_eq=p.muon_eq,
+                            muon_plus=p.muon_plus)
+
+
+def heldout_shards(path: str, tok: Tokenizer):
+    """pretrain.eval_text tokenized with this run's tokenizer, as token shards (daychat.data.tokens.encode_texts)."""
+    from daychat.data.tokens import encode_texts
+
+    return encode_texts(path, tok, "pretrain.eval_text")
 
 
 def data_parallel(p) -> distributed.Distributed | None:

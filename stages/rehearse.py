@@ -19,5 +19,10 @@ from daychat.plan.rehearse import main as rehearse
 
 NAME = "rehearse"
 
+
+def main() -> None:
+    rehearse(sys.argv[1:])
+
+
 if __name__ == "__main__":
-    run(lambda: rehearse(sys.argv[1:]), NAME)
+    run(main, NAME)

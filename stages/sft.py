@@ -6,8 +6,9 @@
 Reads params.yaml's `sft` section. The conversations (daychat/sft: url sources downloaded once into
 --cache, local files, synthetic ones) are rendered with the chat format, a held-out share kept for the
 validation loss, and packed whole into padded rows; only assistant tokens are trained (the loss mask).
-Training is the pretraining loop (daychat.train.loop.Trainer) started from models/base with its own
-optimizers, learning rates and schedule. Checkpoints go to <checkpoints>/<fingerprint>/, the fingerprint
+Training is the pretraining loop (daychat.train.loop.Trainer) started from models/base, with the
+pretraining's optimizer state (models/base/optimizer.pt, `sft.load_optimizer`) and this stage's own
+learning rates (x `sft.init_lr_frac`) and schedule. Checkpoints go to <checkpoints>/<fingerprint>/, the fingerprint
 being a hash of the params that change what is trained, the base model's weights and the rendered data:
 a rerun with the same inputs resumes the same run. `sft.gpus` > 1 reruns the stage under torchrun, data
 parallel as pretraining (daychat.train.distributed): every rank packs the same rows and trains on its
@@ -47,9 +48,11 @@ from daychat.tokenizer import Tokenizer
 from daychat.train import distributed
 from daychat.train.checkpoint import (
     MODEL_FILE,
+    OPTIMIZER_FILE,
     TOKENIZER_DIR,
     Checkpointer,
     load_model_folder,
+    load_optimizer_state,
     read_model_config,
     run_fingerprint,
     write_model_folder,
@@ -103,12 +106,14 @@ def main() -> None:
         rows_per_pass = batches.rows_per_pass(p.seq_len)
         steps = max(1, math.ceil(p.epochs * rows_per_pass / rows_per_step))
         status(NAME, f"one pass = {rows_per_pass:,} rows of {p.seq_len} = {rows_per_pass / rows_per_step:.1f} steps")
+    # Muon's momentum as nanochat's chat_sft: 0.85 -> 0.95 over 300 steps, no change in the warmdown
     schedule = Schedule(Horizon("tokens", tokens=steps * p.total_batch), warmup_steps=p.warmup_steps,
                         warmdown_frac=p.warmdown_frac, final_lr_frac=p.final_lr_frac,
-                        curriculum=((0.0, p.seq_len),))
-    optimizers = build_optimizers(model, matrix_lr=p.matrix_lr, embedding_lr=p.embedding_lr,
-                                  unembedding_lr=p.unembedding_lr, scalar_lr=p.scalar_lr,
-                                  weight_decay=p.weight_decay, adam_betas=(p.adam_beta1, p.adam_beta2))
+                        curriculum=((0.0, p.seq_len),), momentum=(0.85, 0.95, 0.95), momentum_warmup_steps=300)
+    optimizers, continued = sft_optimizers(model, p, base, base_meta.get("params", {}), device)
+    status(NAME, "optimizer state: " + ("continued from the pretraining's (models/base/optimizer.pt)" if continued
+                                        else "fresh" + (" (the base model folder has no optimizer.pt)"
+                                                        if p.load_optimizer else "")))
     autocast = autocast_for(device, p.precision)
 
     def evaluate(forward: torch.nn.Module) -> dict[str, float]:
@@ -128,7 +133,7 @@ def main() -> None:
     settings = LoopSettings(device=device, precision=p.precision, compile=p.compile, eval_every=p.eval_every,
                             log_every=p.log_every, loss_spike=p.loss_spike, peak_flops=peak, section=NAME)
     policy = CheckpointPolicy(checkpointer, every_steps=p.save_every, every_s=p.save_every_min * 60,
-                              extra={"params": params, "config": dataclasses.asdict(config)})
+                              extra={"params": params, "config": dataclasses.asdict(config)}, background=True)
     # Every rank packs the same rows from the same seed; ShardedBatches hands each its share of them.
     source = batches if dist is None else distributed.ShardedBatches(batches, dist.rank, dist.world_size)
     trainer = Trainer(model, optimizers, source, schedule, plan, settings, evaluate=evaluate if main_rank else None,
@@ -176,7 +181,8 @@ def main() -> None:
                      "peak_flops": peak, "peak_flops_source": peak_source},
         "data": {"sha256": mixture.sha256(), "sources": mixture.per_source, "skipped": mixture.skipped,
                  "truncated": mixture.truncated, "pass_tokens": mixture.pass_tokens},
-        "run": {"fingerprint": fingerprint, "schedule": schedule.describe(), "steps": steps, "gpus": world},
+        "run": {"fingerprint": fingerprint, "schedule": schedule.describe(), "steps": steps, "gpus": world,
+                "optimizer_continued": continued},
         "metrics": metrics,
     }
     write_model_folder(args.out, model, config, meta, base / TOKENIZER_DIR)
@@ -185,6 +191,35 @@ def main() -> None:
     status(NAME, f"{shown}train loss {state.smooth_loss:.4f} after {state.step:,} steps "
                  f"({state.elapsed_s / 60:.1f} min); model in {args.out}")
     distributed.shutdown()
+
+
+def sft_optimizers(model, p, base: Path, pre: dict, device: torch.device) -> tuple[list, bool]:
+    """[AdamW, Muon] with the pretraining's groups and switches (`pre`: the base's pretrain params) and this
+    stage's LRs x init_lr_frac, then (sft.load_optimizer) the pretraining's final state loaded into them:
+    the moments carry over, every hyperparameter (lr, betas, weight decay) stays this stage's. Returns the
+    optimizers and whether the state was continued."""
+    frac = p.init_lr_frac
+    optimizers = build_optimizers(model, matrix_lr=p.matrix_lr * frac, embedding_lr=p.embedding_lr * frac,
+                                  unembedding_lr=p.unembedding_lr * frac, scalar_lr=p.scalar_lr * frac,
+                                  weight_decay=p.weight_decay, adam_betas=(p.adam_beta1, p.adam_beta2),
+                                  adam_groups=pre.get("adam_groups", "tuned"), muon_beta2=pre.get("muon_beta2", 0.9),
+                                  muon_eq=pre.get("muon_eq", True), muon_plus=pre.get("muon_plus", True))
+    saved = load_optimizer_state(base, device) if p.load_optimizer else None
+    if saved is None:
+        return optimizers, False
+    if len(saved) != len(optimizers):
+        raise UserError(f"{base / OPTIMIZER_FILE} holds {len(saved)} optimizers, this model needs {len(optimizers)}; "
+                        "set sft.load_optimizer: false or rerun the pretrain stage")
+    for opt, state in zip(optimizers, saved):
+        ours = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        try:
+            opt.load_state_dict(state)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{base / OPTIMIZER_FILE} does not fit this model's optimizer groups ({e}); set "
+                            "sft.load_optimizer: false or rerun the pretrain stage") from None
+        for group, hyper in zip(opt.param_groups, ours):  # load_state_dict brought the pretraining's: undo
+            group.update(hyper)
+    return optimizers, True
 
 
 def preflight_memory(p, config, device: torch.device) -> None:

@@ -48,6 +48,9 @@ def tiny_gpt(tok: Tokenizer, seed: int = 0, **overrides) -> GPT:
     with torch.no_grad():
         model.lm_head.weight.normal_()
         model.lm_head.weight[list(tok.special_tokens.values())] = 0
+        if model.smear_gate is not None:  # smear is off at init (lambda 0): switch it on, so the cache's
+            model.smear_lambda.fill_(1.0)   # previous-token path is really compared
+            model.smear_gate.weight.normal_()
     return model.eval()
 
 

@@ -33,10 +33,11 @@ def hand_params(V, L, C, D, kv, ve=True, lambdas=True):
     H = C // D
     per_layer = C * H * D + 2 * C * kv * D + H * D * C + 8 * C * C
     ve_layers = [i for i in range(L) if i % 2 == (L - 1) % 2] if ve else []
-    matrix = L * per_layer + len(ve_layers) * min(32, C) * kv
+    matrix = L * per_layer + len(ve_layers) * min(12, C) * kv  # the value-embedding gates read 12 channels
     embedding = V * C + len(ve_layers) * V * kv * D
-    return dict(matrix=matrix, embedding=embedding, lm_head=V * C, scalar=2 * L if lambdas else 0,
-                total=matrix + embedding + V * C + (2 * L if lambdas else 0))
+    scalar = (2 * L if lambdas else 0) + min(24, C) + 1 + 1  # lambdas, smear gate + smear lambda, backout lambda
+    return dict(matrix=matrix, embedding=embedding, lm_head=V * C, scalar=scalar,
+                total=matrix + embedding + V * C + scalar)
 
 
 @pytest.mark.parametrize("depth,aspect,head_dim,n_kv,vocab,ve,lambdas", [
@@ -93,7 +94,7 @@ def test_d12_numbers():
     cfg = GPTConfig(vocab_size=32768, depth=12)
     p = accounting.param_counts(cfg)
     assert (cfg.model_dim, cfg.n_head) == (768, 6)
-    assert p["matrix"] == 12 * 12 * 768 ** 2 + 6 * 32 * 6
+    assert p["matrix"] == 12 * 12 * 768 ** 2 + 6 * 12 * 6  # + 6 value-embedding gates of 12 x 6
     assert p["wte"] == p["lm_head"] == 32768 * 768
 
 
@@ -224,20 +225,64 @@ def test_softcap_bounds_logits():
     assert model(torch.randint(0, 64, (2, 16))).abs().max() > 10.0
 
 
-@pytest.mark.parametrize("lambdas", [False, True])
-def test_zero_init_projections_make_blocks_identity(lambdas):
-    cfg = tiny(depth=3, resid_lambdas=lambdas)
+@pytest.mark.parametrize("lambdas,init", [(False, "ramp"), (True, "flat"), (True, "ramp")])
+def test_zero_init_projections_make_blocks_identity(lambdas, init):
+    cfg = tiny(depth=3, resid_lambdas=lambdas, lambda_init=init)
     model = build(cfg)
     idx = torch.randint(0, 64, (2, 16))
-    x0 = F.rms_norm(model.wte(idx), (cfg.model_dim,))
-    # with the lambdas (1, 0.1) every layer adds 0.1 x0: the stream is (1 + 0.1 L) x0, a pure rescale
-    scale = 1 + 0.1 * cfg.depth if lambdas else 1.0
+    x0 = F.rms_norm(model.wte(idx), (cfg.model_dim,))  # smear_lambda = 0 at init: no smear yet
+    # blocks are the identity, so the stream stays a multiple of x0: s <- resid_i s + x0_i before block i,
+    # and backout subtracts 0.2 x the multiple after block depth // 2
+    r = model.resid_lambdas.tolist() if lambdas else [1.0] * cfg.depth
+    z = model.x0_lambdas.tolist() if lambdas else [0.0] * cfg.depth
+    if init == "flat" and lambdas:
+        assert r == [1.0] * 3 and z == pytest.approx([0.1] * 3)
+    elif lambdas:  # nanochat's ramps: resid 1.15 -> 1.05, x0 0.20 -> 0.05
+        assert r == pytest.approx([1.15, 1.10, 1.05]) and z == pytest.approx([0.20, 0.125, 0.05])
+    s, mid = 1.0, None
+    for i in range(cfg.depth):
+        s = r[i] * s + z[i]
+        mid = s if i == cfg.backout_layer else mid
+    scale = s - 0.2 * mid
     torch.testing.assert_close(model._trunk(idx), scale * x0)
     logits = model(idx)
     expected = model.lm_head(F.rms_norm(scale * x0, (cfg.model_dim,)))
     torch.testing.assert_close(logits, cfg.softcap * torch.tanh(expected / cfg.softcap))
     # the initial loss is ~ln(V): lm_head is near zero
     assert abs(model(idx, idx).item() - math.log(64)) < 0.05
+
+
+def test_smear_mixes_in_the_previous_token_only_and_backout_subtracts_the_middle():
+    model = build(tiny(depth=4))
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model._embed(idx, None), F.rms_norm(model.wte(idx), (model.config.model_dim,)))  # lambda 0
+        model.smear_lambda.fill_(1.0)
+        base = model._embed(idx, None)
+        other = idx.clone()
+        other[:, 5] = (other[:, 5] + 1) % 64  # change one token: its own position and the next one move, nothing else
+        moved = (model._embed(other, None) - base).abs().sum(dim=(0, 2)) > 0
+    assert moved.nonzero().flatten().tolist() == [5, 6]
+    # backout: x_final = x_L - backout_lambda * x_(after block depth // 2); lambda 0 removes it
+    with torch.no_grad():
+        with_backout = model._trunk(idx)
+        model.backout_lambda.zero_()
+        assert not torch.allclose(model._trunk(idx), with_backout)
+        off = build(tiny(depth=4, smear=False, backout=False))
+    assert off.smear_gate is None and off.backout_lambda is None
+    assert len(list(off.parameters())) == len(list(model.parameters())) - 3
+
+
+def test_bf16_embeddings_keep_an_fp32_residual_stream():
+    model = build(tiny(embedding_dtype="bf16"))
+    assert model.wte.weight.dtype == torch.bfloat16
+    assert all(ve.weight.dtype == torch.bfloat16 for ve in model.value_embeds.values())
+    assert model.lm_head.weight.dtype == model.blocks[0].attn.c_q.weight.dtype == torch.float32
+    idx = torch.randint(0, 64, (2, 16))
+    assert model._trunk(idx).dtype == torch.float32
+    loss = model(idx, idx)
+    loss.backward()
+    assert model.wte.weight.grad.dtype == torch.bfloat16 and torch.isfinite(loss)
 
 
 def test_loss_reductions_and_ignore_index():
@@ -284,7 +329,8 @@ def test_param_groups_partition_parameters():
     assert all(p.ndim == 2 for p in groups["matrix"])
     assert groups["lm_head"] == [model.lm_head.weight]
     assert model.wte.weight in groups["embedding"] and len(groups["embedding"]) == 1 + 2  # layers 0, 2
-    assert all(p.ndim == 1 for p in groups["scalar"])
+    assert any(p is model.smear_gate.weight for p in groups["scalar"])  # a 24 -> 1 gate: AdamW, not Muon
+    assert all(p.ndim == 1 for p in groups["scalar"] if p is not model.smear_gate.weight)
 
 
 def test_bf16_autocast_cpu_keeps_logits_fp32():

@@ -280,7 +280,10 @@ def test_sft_stage_end_to_end(tmp_path, tok, shared_data):
     model = GPT(config)
     model.init_weights()
     ws = tmp_path / "ws"
-    write_model_folder(ws / "models/base", model, config, {"run": {"fingerprint": "test"}}, tmp_path / "tokenizer")
+    optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5,
+                                  weight_decay=0.0)
+    write_model_folder(ws / "models/base", model, config, {"run": {"fingerprint": "test"}}, tmp_path / "tokenizer",
+                       optimizers=[opt.state_dict() for opt in optimizers])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(_chat("q", "a")) + "\n" + json.dumps({"messages": []}) + "\n")
     sft = {"sources": [
@@ -302,11 +305,64 @@ def test_sft_stage_end_to_end(tmp_path, tok, shared_data):
     assert metrics["tokens"] == metrics["steps"] * 512
     meta = json.loads((ws / "models/sft/meta.json").read_text())
     assert meta["data"]["sources"]["arith"]["train"] == metrics["conversations_arith"]
+    assert meta["run"]["optimizer_continued"] and "continued from the pretraining's" in done.stdout
     assert (ws / "models/sft/tokenizer/tokenizer.json").is_file()
     assert list((ws / "reports/sft/plots/metrics").rglob("loss.tsv"))
     again = run_stage("sft", args, ws)  # finished run: resumes at its end, trains nothing more
     assert again.returncode == 0 and "resuming after step" in again.stdout
     assert json.loads((ws / "reports/metrics/sft.json").read_text())["steps"] == metrics["steps"]
+
+
+def test_sft_continues_from_the_pretraining_optimizer_state(tmp_path, tok):
+    """nanochat's chat_sft --load-optimizer: the moments carry over, the hyperparameters are SFT's own."""
+    import importlib.util
+
+    from daychat.params import parse_section
+    from daychat.train.checkpoint import load_model_folder
+
+    spec_ = importlib.util.spec_from_file_location("sft_stage", ROOT / "stages" / "sft.py")
+    stage = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(stage)
+    torch.manual_seed(0)
+    (tmp_path / "tokenizer").mkdir()
+    tok.save(tmp_path / "tokenizer")
+    config = GPTConfig(vocab_size=tok.vocab_size, sequence_len=32, depth=2, aspect_ratio=32, head_dim=32)
+    model = GPT(config)
+    model.init_weights()
+    pre = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5, weight_decay=0.1)
+    for _ in range(2):
+        idx = torch.randint(0, tok.vocab_size, (2, 33))
+        model(idx[:, :-1], idx[:, 1:]).backward()
+        for opt in pre:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+    folder = tmp_path / "base"
+    write_model_folder(folder, model, config, {"params": {"adam_groups": "tuned"}}, tmp_path / "tokenizer",
+                       optimizers=[opt.state_dict() for opt in pre])
+    p = parse_section("sft", {"init_lr_frac": 0.5, "weight_decay": 0.0})
+    loaded, meta = load_model_folder(folder)
+    optimizers, continued = stage.sft_optimizers(loaded, p, folder, meta["params"], torch.device("cpu"))
+    assert continued
+    for old, new in zip(pre, optimizers):
+        for p_old, p_new in zip((q for g in old.param_groups for q in g["params"]),
+                                (q for g in new.param_groups for q in g["params"])):
+            for key, value in old.state[p_old].items():
+                got = new.state[p_new][key]
+                assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, key
+    adamw, muon = optimizers
+    width = (config.model_dim / 768) ** -0.5
+    lm_head = next(g for g in adamw.param_groups if g["name"] == "lm_head")
+    assert lm_head["lr"] == lm_head["initial_lr"] == pytest.approx(0.008 * 0.5 * width)  # sft's, not the end of pretraining's
+    assert muon.param_groups[0]["lr"] == pytest.approx(0.02 * 0.5) and muon.param_groups[0]["weight_decay"] == 0.0
+    assert lm_head["betas"] == (0.8, 0.96) and lm_head["weight_decay"] == 0.01
+    fresh, continued = stage.sft_optimizers(loaded, parse_section("sft", {"load_optimizer": False}), folder,
+                                            meta["params"], torch.device("cpu"))
+    assert not continued and not fresh[1].state
+    other = GPT(GPTConfig(vocab_size=tok.vocab_size, sequence_len=32, depth=2, aspect_ratio=32, head_dim=32,
+                          smear=False, backout=False))  # no smear/backout group: the saved state does not fit
+    other.init_weights()
+    with pytest.raises(UserError, match="does not fit this model's optimizer groups"):
+        stage.sft_optimizers(other, parse_section("sft", {}), folder, meta["params"], torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -104,39 +104,52 @@ def doc_pieces(row: np.ndarray) -> list[tuple[int, int, int]]:
 # Loader
 
 
-def test_loader_rows_start_with_bos_and_no_token_repeats_within_an_epoch(unique_tokens):
+def test_loader_trains_every_token_of_a_document_once_and_bos_only_at_its_start(unique_tokens):
     loader = PackedLoader(unique_tokens, seed=1, buffer_docs=8)
-    seen, batches = set(), 0
+    targets, batches = [], 0
     while True:
         x, y = loader.next_batch(4, 32)
         if loader.epoch > 0:  # this batch may hold documents of the next epoch
             break
         batches += 1
-        rows = torch.cat([x, y[:, -1:]], dim=1).numpy()  # (4, 33): the packed rows
         assert x.shape == y.shape == (4, 32) and x.dtype == torch.int64
-        assert torch.equal(x[:, 1:], y[:, :-1])
-        assert (rows[:, 0] == 0).all(), "every row starts at a document's BOS"
-        for row in rows:
-            for doc, first, last in doc_pieces(row):
-                assert first == 1, "a document is placed from its start"
-                tokens = set(range(doc * 1000 + first, doc * 1000 + last + 1))
-                assert not tokens & seen, f"document {doc} was trained on twice within the epoch"
-                seen |= tokens
-    assert batches > 10 and len(seen) > 0.5 * (unique_tokens.tokens - unique_tokens.docs) * (1 - loader.crop_fraction)
+        assert y.min() >= -1 and torch.equal(x[:, 1:][y[:, :-1] >= 0], y[:, :-1][y[:, :-1] >= 0])
+        rows = torch.cat([x, y[:, -1:].clamp(min=0)], dim=1).numpy()  # (4, 33): the packed rows
+        for row, tgt in zip(rows, y.numpy()):
+            bos = np.flatnonzero(row == 0)
+            assert (row[bos[bos < 32] + 1] % 1000 == 1).all(), "a <|bos|> is followed by its document's first token"
+            # inside a piece the ids go up by one; a new piece starts at a <|bos|> or continues a document,
+            # and a continuation that does not start the row is not a target at its first token
+            for b in np.flatnonzero(np.diff(row) != 1) + 1:
+                assert row[b] == 0 or row[b - 1] == 0 or row[b] % 1000 > 1
+                if row[b] != 0 and row[b - 1] != 0:
+                    assert tgt[b - 1] == -1
+        targets += y[y > 0].tolist()
+    assert batches > 10 and loader.crop_fraction == 0 and 0 < loader.continued_fraction < 1
+    assert len(targets) == len(set(targets)), "a token was trained on twice within the epoch"
+    # every document pulled into the buffer and finished: each of its tokens was a target exactly once
+    lengths = np.diff(np.append(unique_tokens.doc_starts[0], unique_tokens.tokens))
+    state = loader.state_dict()
+    unfinished = {doc for _, doc, _ in state["buffer"]}
+    finished = [d for d in loader._epoch_order(0).tolist() if d not in unfinished][:50]
+    expected = {d * 1000 + i for d in finished for i in range(1, lengths[d])}
+    assert expected <= set(targets)
 
 
-def test_loader_measures_what_it_crops(unique_tokens):
+def test_loader_drops_nothing_and_counts_the_continued_tokens(unique_tokens):
     loader = PackedLoader(unique_tokens, seed=2, buffer_docs=8)
     for _ in range(10):  # ~1300 tokens: well inside the first epoch (~3800)
         loader.next_batch(4, 32)
     state = loader.state_dict()
-    assert state["epoch"] == 0
+    assert state["epoch"] == 0 and loader.tokens_used == 10 * 4 * 33
+    assert loader.tokens_cropped == 0 and loader.crop_fraction == 0.0
+    # documents of 150 tokens (every 7th) do not fit a row of 33: they continue over rows of their own
+    assert 0.2 < loader.continued_fraction < 0.8
     lengths = np.diff(np.append(unique_tokens.doc_starts[0], unique_tokens.tokens))
     pulled = loader._epoch_order(0)[:state["cursor"]]
-    consumed = set(pulled.tolist()) - {doc for _, doc in state["buffer"]}
-    assert loader.tokens_used == 10 * 4 * 33
-    assert loader.tokens_used + loader.tokens_cropped == lengths[sorted(consumed)].sum()
-    assert loader.crop_fraction == loader.tokens_cropped / lengths[sorted(consumed)].sum() > 0
+    left = sum(lengths[doc] - offset for _, doc, offset in state["buffer"])
+    cuts = loader.tokens_used - (lengths[pulled].sum() - left)  # each cut repeats one token (as an input)
+    assert 0 < cuts <= loader.rows
     assert 0 < loader.epochs < 1
 
 
@@ -172,6 +185,23 @@ def test_loader_epochs_are_counted_and_reproducible(unique_tokens):
     assert first_docs(0, 1) != first_docs(1, 1)
 
 
+def test_a_held_out_text_is_encoded_like_a_split_and_packed_by_the_same_loader(tmp_path):
+    from daychat.data.tokens import encode_texts
+
+    docs = ["the cat sat on the mat " * 20, "a dog ran to the red house " * 30, "rain in the hills " * 10]
+    tok = Tokenizer.train(docs, vocab_size=300)
+    (tmp_path / "eval").mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / "eval" / f"{i}.txt").write_text(doc)
+    text = encode_texts(tmp_path / "eval", tok, "pretrain.eval_text")
+    assert len(text.doc_starts[0]) == 3 and (text.shards[0][text.doc_starts[0]] == tok.bos_id).all()
+    assert text.tokens == sum(len(tok.encode(d)) + 1 for d in docs) and len(text.sha256) == 64
+    x, y = PackedLoader(text, shuffle=False).next_batch(2, 16)
+    assert x.shape == (2, 16) and x[0, 0] == tok.bos_id
+    with pytest.raises(UserError, match="pretrain.eval_text"):
+        encode_texts(tmp_path / "missing", tok, "pretrain.eval_text")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Schedule and batch arithmetic
 
@@ -196,6 +226,23 @@ def test_lr_shape_and_curriculum_follow_the_params():
     plan = plan_batch(64, 2, [8, 16, 32])  # 2 rows of 32 = 64 tokens a micro-batch at every length
     assert [(plan.rows(t), plan.accum_steps(t)) for t in (8, 16, 32)] == [(8, 1), (4, 1), (2, 1)]
     assert plan_batch(512, 2, [8, 32]).accum_steps(8) == 8
+
+
+def test_muon_momentum_warms_up_then_comes_down_in_the_warmdown():
+    """nanochat's get_muon_momentum: 0.85 -> 0.97 over 400 steps, 0.97 -> 0.90 over the warmdown."""
+    p = pretrain_params(horizon="tokens", tokens=10_000, total_batch=64, device_batch=2, seq_len=[[0.0, 32]],
+                        warmdown_frac=0.65)
+    s = schedule_from_params(p, scaling_params=1)
+    assert s.momentum == (0.85, 0.97, 0.90) and s.momentum_warmup_steps == 400
+    assert s.muon_momentum(0, 0.0) == 0.85 and s.muon_momentum(200, 0.1) == pytest.approx(0.91)
+    assert s.muon_momentum(400, 0.2) == s.muon_momentum(900, 0.35) == 0.97
+    assert s.muon_momentum(900, 0.35 + 0.65 / 2) == pytest.approx(0.935) and s.muon_momentum(900, 1.0) == pytest.approx(0.90)
+    assert s.muon_momentum(100, 0.9) == pytest.approx(0.88)  # inside the warmup, the warmup wins (as nanochat)
+    old = schedule_from_params(pretrain_params(muon_momentum=[0.85, 0.95, 0.95], muon_momentum_warmup_steps=300),
+                               scaling_params=1)
+    assert old.muon_momentum(150, 0.5) == pytest.approx(0.90) and old.muon_momentum(300, 0.99) == 0.95
+    with pytest.raises(UserError, match="muon_momentum"):
+        pretrain_params(muon_momentum=[0.85, 0.97])
 
 
 def test_batch_arithmetic_refuses_a_total_that_does_not_split_in_one_line():
@@ -372,6 +419,30 @@ def test_resume_never_calls_a_checkpoint_damaged_for_an_error_that_is_not_the_fi
         stranger.resume()
 
 
+def test_a_background_save_writes_the_state_of_the_call_and_surfaces_its_errors(tmp_path, monkeypatch):
+    checkpointer = Checkpointer(tmp_path / "ck", keep=2)
+    w = torch.arange(6.0)
+    state = {"model": {"w": w}, "loop": {"history": [{"step": 1}]}, "rng": {"torch": torch.get_rng_state()}}
+    path = checkpointer.save_async(1, state)
+    w.add_(100.0)  # training goes on while the thread writes
+    state["loop"]["history"].append({"step": 2})
+    checkpointer.wait()
+    assert checkpointer.latest() == path
+    loaded = checkpointer.load(path)
+    assert torch.equal(loaded["model"]["w"], torch.arange(6.0)) and loaded["loop"]["history"] == [{"step": 1}]
+    assert loaded["step"] == 1 and torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
+
+    def broken(step, state):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointer, "save", broken)
+    checkpointer.save_async(2, state)
+    with pytest.raises(UserError, match="writing a checkpoint .* failed .*disk full"):
+        checkpointer.wait()
+    checkpointer.wait()  # reported once
+    assert checkpointer.latest() == path
+
+
 def test_bits_per_byte_leaves_out_special_and_ignored_tokens():
     model = tiny_gpt(vocab=64)
     token_bytes = torch.randint(1, 4, (64,), generator=torch.Generator().manual_seed(1))
@@ -403,11 +474,11 @@ def golden_losses(folder: Path) -> list[float]:
     torch.set_num_threads(1)  # one summation order, whatever the machine
     try:
         model = tiny_gpt(vocab=g["vocab"], seq_len=32, depth=g["depth"])
-        optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004,
+        optimizers = build_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008,
                                       scalar_lr=0.5, weight_decay=0.1)
         loader = PackedLoader(TokenShards(dataset, "train"), seed=0, buffer_docs=32)
         schedule = Schedule(Horizon("tokens", tokens=g["steps"] * g["total_batch"]), warmup_steps=2,
-                            warmdown_frac=0.5, final_lr_frac=0.1, curriculum=g["seq_len"])
+                            warmdown_frac=0.65, final_lr_frac=0.1, curriculum=g["seq_len"])
         plan = plan_batch(g["total_batch"], g["device_batch"], [t for _, t in g["seq_len"]])
         state = Trainer(model, optimizers, loader, schedule, plan, LoopSettings(log_every=1)).run()
     finally:
@@ -466,8 +537,13 @@ def ci_workspace(tmp_path_factory) -> Path:
 def pretrained(ci_workspace) -> Path:
     # With the CORE proxy on (2 items per task of the real bundle): it must not change what is trained.
     params = yaml.safe_load((ci_workspace / "params.yaml").read_text())
+    # and a held-out text beside the val split (pretrain.eval_text): two documents no run trained on
+    heldout = ci_workspace / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
+        "The river rose in the night, and by morning the lower fields were under water.",
+        "A function returns a value; a procedure changes the state of the program.")))
     params["pretrain"].update(core_source="local", core_path=str(ROOT.parent / "shared/data/eval_bundle"),
-                              core_max_per_task=2, core_every=1)
+                              core_max_per_task=2, core_every=1, eval_text=str(heldout))
     (ci_workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = subprocess.run(pretrain_cmd(), cwd=ci_workspace, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -483,13 +559,15 @@ def read_tsv(path: Path) -> dict[int, float]:
 def test_stage_writes_the_model_metrics_and_curves_and_beats_the_unigram_entropy(pretrained):
     ws = pretrained
     base = ws / "models" / "base"
-    assert {p.name for p in base.iterdir()} == {"model.pt", "config.json", "meta.json", "tokenizer"}
+    assert {p.name for p in base.iterdir()} == {"model.pt", "optimizer.pt", "config.json", "meta.json", "tokenizer"}
     meta = json.loads((base / "meta.json").read_text())
     assert meta["params"]["depth"] == yaml.safe_load((ws / "params.yaml").read_text())["pretrain"]["depth"]
     assert {"commit", "dirty"} <= set(meta["code"]) and meta["libraries"]["torch"] == torch.__version__
     metrics = json.loads((ws / "reports" / "metrics" / "pretrain.json").read_text())
     assert {"val_bpb", "train_loss", "tokens", "flops", "tok_per_s", "mfu", "peak_mem_gib", "steps", "wall_s",
-            "crop_fraction", "epochs"} <= set(metrics)
+            "crop_fraction", "continued_fraction", "epochs", "weight_decay"} <= set(metrics)
+    assert metrics["crop_fraction"] == 0 and 0 <= metrics["continued_fraction"] < 1  # nothing read is dropped
+    assert 0 < metrics["heldout_bpb"] < 20 and meta["data"]["eval_text_sha256"]  # pretrain.eval_text measured
     assert metrics["tokens"] == metrics["steps"] * meta["params"]["total_batch"] and metrics["flops"] > 0
     curves = ws / "reports" / "pretrain" / "plots" / "metrics"
     losses = read_tsv(curves / "train" / "loss.tsv")

@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         "notes": [
             f"This invocation took {time.time() - t0:.0f} s (points already in {_rel(args.points)} are reused, not "
             "rerun); each point's own training time is in the table.",
-            f"An epoch of the packed train split is ~{_epoch_tokens(points) / 1e3:.0f}k tokens (BOS-aligned packing "
-            "keeps each document's first seq_len + 1 tokens), so points with epochs > 1 repeat it: repetition raises "
+            f"An epoch of the packed train split is ~{_epoch_tokens(points) / 1e3:.0f}k tokens (all of it: the loader "
+            "drops nothing since issue 17), so points with epochs > 1 repeat it: repetition raises "
             "their loss and flattens the fitted exponent (Muennighoff et al. 2023, arXiv:2305.16264: repeated tokens "
             "are worth less after ~4 epochs). The real run sees its data about once.",
             f"At these sizes most matmul parameters are the lm_head (vocab {vocab} x model_dim) and attention is a "

@@ -55,8 +55,9 @@ def tool_env() -> dict[str, str]:
     return env
 
 
-def sync(recipe: str, workspace: str | Path | None = None) -> Path:
-    """Create or refresh the workspace of a recipe; return its path. Cheap when nothing changed."""
+def sync(recipe: str, workspace: str | Path | None = None, code_root: str | Path | None = None) -> Path:
+    """Create or refresh the workspace of a recipe; return its path. Cheap when nothing changed.
+    `code_root`: where the code links point (default: the project; workflow/ablate.py passes a frozen copy)."""
     src = recipe_path(recipe)
     ws = Path(workspace) if workspace else ROOT / "runs" / src.stem
     ws.mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,7 @@ def sync(recipe: str, workspace: str | Path | None = None) -> Path:
     (ws / "planning").mkdir(exist_ok=True)
     changed |= _copy_if_changed(ROOT / dag.PLANNING_FILE, ws / dag.PLANNING_FILE)
     for name in CODE_LINKS:
-        link, target = ws / name, ROOT / name
+        link, target = ws / name, Path(code_root or ROOT) / name
         if link.is_symlink() and Path(os.readlink(link)) == target:
             continue
         if link.is_symlink() or link.is_file():

@@ -371,3 +371,44 @@ class TokenShards:
             ends = np.append(starts[1:], len(shard))
             for start, end in zip(starts.tolist(), ends.tolist()):
                 yield shard[start:end]
+
+
+class EncodedTexts:
+    """A text encoded in memory with the layout TokenShards has (one shard: BOS before every document),
+    so PackedLoader and the val-batch helpers read it like a split of a token dataset."""
+
+    def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, folder: Path, sha256: str):
+        self.shards, self.doc_starts = [tokens], [doc_starts]
+        self.folder, self.sha256 = folder, sha256
+
+    @property
+    def tokens(self) -> int:
+        return len(self.shards[0])
+
+
+def encode_texts(path: str | os.PathLike, tok: Tokenizer, key: str) -> EncodedTexts:
+    """Every document of a local text source (a parquet file with a `text` column, jsonl / jsonl.gz with a
+    `text` key, txt: one document per file; a file, a folder or a glob, read as download.source: local
+    reads it) encoded with `tok`. `key` names the params key in messages. Its sha256 covers the files read.
+    Meant for a held-out evaluation text (pretrain.eval_text): a few MB, held in memory."""
+    import hashlib
+
+    from daychat.data.sources import Stats, local_files, parquet_documents, text_documents
+
+    try:
+        files, root = local_files(str(path))
+    except UserError as e:
+        raise UserError(str(e).replace("download.path", key)) from None
+    digest = hashlib.sha256()
+    ids: list[np.ndarray] = []
+    for f in files:
+        digest.update(f.name.encode() + sha256_file(f).encode())
+        docs = (parquet_documents(f, text_field="text", source="eval", id_prefix=f.name) if f.suffix == ".parquet"
+                else text_documents([f], root, text_field="text", source="eval", stats=Stats()))
+        ids += [tok.encode_array(d.text) for d in docs if d.text]
+    if not ids:
+        raise UserError(f"{key}: {path} holds no text")
+    lengths = np.array([len(a) + 1 for a in ids], dtype=np.int64)
+    bos = np.array([tok.bos_id], dtype=np.uint32)
+    flat = np.concatenate([part for a in ids for part in (bos, a.astype(np.uint32))])
+    return EncodedTexts(flat, np.cumsum(lengths) - lengths, Path(path), digest.hexdigest())

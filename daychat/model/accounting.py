@@ -6,8 +6,10 @@ equal what `GPT.num_params()` / `GPT.estimate_flops()` count on real modules.
 Per layer (C = model_dim = H * D, Hkv kv heads, D head_dim, V vocab padded to a multiple of 64):
     attention  c_q C*C + c_k C*Hkv*D + c_v C*Hkv*D + c_proj C*C
     MLP        c_fc C*4C + c_proj 4C*C
-    ve_gate    min(32, C) * Hkv            (value-embedding layers only)
-and once: wte V*C, lm_head V*C, value embeddings V*Hkv*D per value-embedding layer, 2 scalars per layer.
+    ve_gate    min(ve_gate_inputs = 12, C) * Hkv   (value-embedding layers only)
+and once: wte V*C, lm_head V*C, value embeddings V*Hkv*D per value-embedding layer, 2 scalars per layer,
+the smear gate (min(24, C) weights + its lambda) and backout's lambda. The smear gate is a 24 -> 1 matmul
+but is counted with the scalars (AdamW, 48 FLOPs a token: nothing).
 
 Training FLOPs per token (nanochat's convention, so MFU figures compare with its reports):
     6 * (block matrices + lm_head) + sum over layers of 12 * H * D * T_eff,
@@ -71,7 +73,8 @@ def param_counts(config: GPTConfig) -> dict[str, int]:
     wte = V * C
     value_embeds = n_ve * V * Hkv * D
     lm_head = V * C
-    scalar = 2 * L if config.resid_lambdas else 0
+    scalar = (2 * L if config.resid_lambdas else 0) + (config.smear_channels + 1 if config.smear else 0) \
+        + (1 if config.backout else 0)
     return {
         "matrix": matrix, "embedding": wte + value_embeds, "lm_head": lm_head, "scalar": scalar,
         "wte": wte, "value_embeds": value_embeds, "matmul": matrix + lm_head,

@@ -6,7 +6,9 @@ Design choices (the optional ones are GPTConfig switches):
   head_dim (nanochat's "one knob" sizing), so a recipe scales the model with `depth` alone.
 - Rotary position embeddings (RoFormer, arXiv:2104.09864); no learned positions.
 - QK-norm: q and k are RMS-normalised per head before the dot product (arXiv:2010.04245, ViT-22B
-  arXiv:2302.05442), which keeps attention logits bounded and lets Muon use large learning rates.
+  arXiv:2302.05442), which keeps attention logits bounded and lets Muon use large learning rates; then
+  both are multiplied by `qk_scale` (1.2: sharper attention than unit-norm q, k allow; nanochat gpt.py,
+  tuned at d12 by its autoresearch rounds of 2026-03).
 - Parameter-free RMSNorm (arXiv:1910.07467) via F.rms_norm: after the token embedding, before attention
   and MLP (pre-norm), and before the lm_head. No gains, no biases anywhere.
 - ReLU^2 MLP with 4x hidden width (Primer, arXiv:2109.08668).
@@ -16,16 +18,30 @@ Design choices (the optional ones are GPTConfig switches):
 - Zero-initialised output projections (attn.c_proj, mlp.c_proj): every block starts as the identity, so
   the initial residual stream is the (normalised) token embedding (modded-nanogpt, nanochat).
 - Per-layer learnable residual scalars, as in modded-nanogpt / nanochat: before block i,
-  x <- resid_lambdas[i] * x + x0_lambdas[i] * x0, where x0 is the normalised embedding.
+  x <- resid_lambdas[i] * x + x0_lambdas[i] * x0, where x0 is the normalised embedding. Initialised as
+  ramps over depth (`lambda_init: ramp`, nanochat gpt.py init_weights): resid 1.15 -> 1.05 and x0 0.20 ->
+  0.05 from the first layer to the last (early layers lean on the embedding more); `flat` = 1.0 and 0.1.
 - Value embeddings (value residual, ResFormer arXiv:2410.17897; modded-nanogpt): alternating layers,
   the last one always included (nanochat's layout), own a token -> value-vector table that is added to V
-  through a per-kv-head input-dependent gate 2 * sigmoid(W x[:, :32]), neutral (= 1) at init.
+  through a per-kv-head input-dependent gate ve_gate_scale * sigmoid(W x[:, :ve_gate_inputs]); nanochat
+  today: 3 * sigmoid over 12 channels, W ~ U(0, 0.02), so the gate starts slightly above 1.5.
+- Smear (`smear`, a bigram gate; modded-nanogpt, nanochat gpt.py): each position's normalised embedding
+  gets a gated share of the previous position's, x_t += smear_lambda * sigmoid(W x_t[:24]) * x_{t-1},
+  smear_lambda = 0 at init (the identity). Cheap bigram information before the first block.
+- Backout (`backout`, modded-nanogpt, nanochat gpt.py): the residual stream after block depth // 2 is
+  kept, and backout_lambda (0.2 at init) times it is subtracted before the final norm, taking low-level
+  features out of what the lm_head reads.
 - Grouped-query attention (arXiv:2305.13245): n_kv_head <= n_head key/value heads.
 - A window pattern: one char per layer, cycled, L = global causal, S = sliding window of `short_window`
   keys (the query itself included); the final layer is always global, as in nanochat. Window layers run on
   a kernel that really skips the masked blocks (FlexAttention with a block mask, arXiv:2412.05496) on CUDA.
-- Precision: the model holds fp32 master weights; on CUDA the training loop runs forward under
-  torch.autocast("cuda", torch.bfloat16); logits, softcap and cross-entropy are always fp32.
+- Precision: the block matrices, lm_head and scalars are fp32 master weights; the token and value
+  embeddings are stored in `embedding_dtype` (bf16 halves their weights, gradients and Adam state, the
+  largest tables of the model: nanochat stores them in bf16 too; fp32 = off). On CUDA the training loop
+  runs forward under torch.autocast("cuda", torch.bfloat16). The residual stream is fp32 on purpose
+  (looked-up embeddings are cast to fp32; a block's bf16 output added to fp32 stays fp32): every layer
+  adds into it, and bf16's 8-bit mantissa would round small updates away. Logits, softcap and
+  cross-entropy are always fp32.
 
 Shapes: B batch, T time, C = model_dim, H query heads, Hkv key/value heads, D = head_dim, V vocab.
 This file imports nothing from daychat and touches no CUDA at import.
@@ -44,13 +60,14 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 # Vocab rows are padded to a multiple of this for tensor-core friendly lm_head shapes (nanochat pads to 64);
 # the extra rows are never a target and the logits are cropped back to vocab_size.
 PAD_VOCAB_TO = 64
-# The value-embedding gate reads this many leading channels of the block input (nanochat: 32).
-VE_GATE_CHANNELS = 32
 # The rotary tables cover this many times config.sequence_len. Training never goes past sequence_len, but
 # evaluation may: the reference CORE evaluation (nanochat's core_eval.py) feeds few-shot prompts uncropped
 # (squad and boolq reach ~2.4k tokens) to a model whose rotary table it over-allocates by the same 10x.
 # The tables are derived data (not in checkpoints): 10 x 2048 positions x 64 frequencies x 2 is 10 MB.
 ROTARY_HEADROOM = 10
+# The smear gate reads this many leading channels of the normalised embedding (nanochat gpt.py: 24).
+SMEAR_CHANNELS = 24
+EMBEDDING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -67,8 +84,20 @@ class GPTConfig:
     qk_norm: bool = True
     value_embeds: bool = True
     zero_init_proj: bool = True
-    rope_base: float = 10000.0
+    # Defaults below are nanochat's tuned state (nanochat/gpt.py at 92d63d4, 2026-07); the previous value
+    # (daychat before issue 17, nanochat before 2026-03) is given for each; reports/ablate.md measures them.
+    rope_base: float = 100000.0  # rotary base theta (was 10,000; nanochat 2026-03-09: 10K -> 100K)
+    qk_scale: float = 1.2  # q and k multiplied by this after QK-norm (was 1.0)
+    ve_gate_inputs: int = 12  # leading channels the value-embedding gate reads (was 32)
+    ve_gate_scale: float = 3.0  # gate = ve_gate_scale * sigmoid(...), range (0, scale) (was 2.0)
+    ve_gate_init: float = 0.02  # gate weights ~ U(0, ve_gate_init); 0 = zeros, gate neutral at init (was 0)
+    fc_init_scale: float = 0.4  # mlp.c_fc's uniform bound x this (was 1.0)
+    wte_init_std: float = 0.8  # token embedding ~ N(0, std) (was 1.0)
     resid_lambdas: bool = True  # per-layer learnable residual / x0 scalars
+    lambda_init: str = "ramp"  # ramp: resid 1.15 -> 1.05, x0 0.20 -> 0.05 over depth; flat: 1.0, 0.1 (was flat)
+    smear: bool = True  # previous-token embedding gate before the first block (was off)
+    backout: bool = True  # subtract backout_lambda x the mid-depth residual before the final norm (was off)
+    embedding_dtype: str = "fp32"  # storage of wte and value embeddings: fp32 or bf16
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -91,6 +120,14 @@ class GPTConfig:
              f"got {self.window_pattern!r}")
         need(self.softcap >= 0, f"softcap must be >= 0 (0 = off), got {self.softcap}")
         need(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base}")
+        need(isinstance(self.ve_gate_inputs, int) and self.ve_gate_inputs >= 1,
+             f"ve_gate_inputs must be a positive integer, got {self.ve_gate_inputs!r}")
+        need(self.qk_scale > 0 and self.ve_gate_scale > 0 and self.fc_init_scale > 0 and self.wte_init_std > 0,
+             "qk_scale, ve_gate_scale, fc_init_scale and wte_init_std must be > 0")
+        need(self.ve_gate_init >= 0, f"ve_gate_init must be >= 0, got {self.ve_gate_init}")
+        need(self.lambda_init in ("ramp", "flat"), f"lambda_init must be 'ramp' or 'flat', got {self.lambda_init!r}")
+        need(self.embedding_dtype in EMBEDDING_DTYPES,
+             f"embedding_dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.embedding_dtype!r}")
 
     @property
     def model_dim(self) -> int:
@@ -111,7 +148,16 @@ class GPTConfig:
 
     @property
     def ve_gate_channels(self) -> int:
-        return min(VE_GATE_CHANNELS, self.model_dim)
+        return min(self.ve_gate_inputs, self.model_dim)
+
+    @property
+    def smear_channels(self) -> int:
+        return min(SMEAR_CHANNELS, self.model_dim)
+
+    @property
+    def backout_layer(self) -> int:
+        """The block after which the residual stream is kept for backout (nanochat: n_layer // 2)."""
+        return self.depth // 2
 
     def layer_windows(self) -> list[int | None]:
         """Per layer: None for global causal attention, else the window (keys visible, the query included)."""
@@ -252,6 +298,8 @@ class KVCache:
         self.pos = 0
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
+        # smear: the normalised embedding of the last position fed (B, 1, C), which the next token mixes in
+        self.prev_embedding: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, T, D) at positions pos..pos+T-1 -> all keys and values (B, Hkv, pos+T, D)."""
@@ -305,8 +353,9 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
-        # one gate per kv head, read from the first few channels of the input (cheap: 32 x Hkv weights)
-        self.ve_gate_channels = config.ve_gate_channels
+        # one gate per kv head, read from the first few channels of the input (cheap: 12 x Hkv weights)
+        self.ve_gate_channels, self.ve_gate_scale = config.ve_gate_channels, config.ve_gate_scale
+        self.qk_scale = config.qk_scale
         has_ve = layer_idx in config.value_embed_layers()
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve else None
         self.layer_idx, self.window = layer_idx, config.layer_windows()[layer_idx]  # for the KV-cache path
@@ -317,14 +366,16 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
 
-        if ve is not None:  # value residual: v += gate * value_embedding(token), gate in (0, 2), 1 at init
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, Hkv)
+        if ve is not None:  # value residual: v += gate * value_embedding(token), gate in (0, ve_gate_scale)
+            gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
 
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         if self.qk_norm:  # rotation preserves the norm, so norm-after-rotary = rotary-after-norm
             q, k = norm(q), norm(k)
+        if self.qk_scale != 1.0:  # split between q and k: logits scale by qk_scale^2 (1.44 at 1.2)
+            q, k = q * self.qk_scale, k * self.qk_scale
         # Attention kernels want one dtype: that of the projections (bf16 under autocast, fp32 on CPU).
         q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))  # (B, nh, T, D)
         if kv_cache is None:
@@ -381,6 +432,12 @@ class GPT(nn.Module):
             self.x0_lambdas = nn.Parameter(torch.zeros(config.depth))
         else:
             self.resid_lambdas = self.x0_lambdas = None
+        if config.smear:  # a 24 -> 1 gate and its overall strength (AdamW, like the scalars)
+            self.smear_gate = nn.Linear(config.smear_channels, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        else:
+            self.smear_gate = self.smear_lambda = None
+        self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
         self._windows = config.layer_windows()
         # Rotary tables are derived data: not saved in checkpoints, recomputed by init_weights (after to_empty).
         cos, sin = self._rotary_tables(self.max_positions, device=self.wte.weight.device)
@@ -394,21 +451,29 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """Initialise every parameter and buffer; deterministic under torch.manual_seed.
 
-        wte ~ N(0, 1)  (it is RMS-normalised right away, so only directions matter)
+        All values below are nanochat's init_weights (nanochat/gpt.py), each behind its GPTConfig switch:
+        wte ~ N(0, wte_init_std = 0.8)  (it is RMS-normalised right away, so the std only sets how large
+            Adam's steps are relative to it)
         lm_head ~ N(0, 0.001)  (near-zero logits at init: the initial loss is ~ln V)
-        c_q, c_k, c_v, c_fc, value embeddings ~ U(-a, a) with a = sqrt(3 / C), i.e. std 1/sqrt(C); uniform
-            avoids the outliers of a normal (nanochat)
+        c_q, c_k, c_v, value embeddings ~ U(-a, a) with a = sqrt(3 / C), i.e. std 1/sqrt(C); uniform
+            avoids the outliers of a normal; c_fc ~ U(-fc_init_scale a, fc_init_scale a) (0.4 a)
         attn.c_proj, mlp.c_proj = 0 when zero_init_proj (else uniform with std 1/sqrt(fan_in))
-        ve_gate = 0 (gate 2 * sigmoid(0) = 1); resid_lambdas = 1, x0_lambdas = 0.1 (nanochat)
+        ve_gate ~ U(0, ve_gate_init = 0.02) (0: zeros); smear_gate ~ U(0, 0.02), smear_lambda = 0 (smear is
+            off at init), backout_lambda = 0.2
+        resid_lambdas, x0_lambdas: ramps 1.15 -> 1.05 and 0.20 -> 0.05 over depth (lambda_init: ramp) or
+            1.0 and 0.1 (flat)
+        Then the embeddings are cast to embedding_dtype.
         """
-        C = self.config.model_dim
+        cfg = self.config
+        C = cfg.model_dim
         a = (3 / C) ** 0.5
-        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.wte.weight, mean=0.0, std=cfg.wte_init_std)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.blocks:
             attn, mlp = block.attn, block.mlp
-            for w in (attn.c_q.weight, attn.c_k.weight, attn.c_v.weight, mlp.c_fc.weight):
+            for w in (attn.c_q.weight, attn.c_k.weight, attn.c_v.weight):
                 nn.init.uniform_(w, -a, a)
+            nn.init.uniform_(mlp.c_fc.weight, -a * cfg.fc_init_scale, a * cfg.fc_init_scale)
             for w in (attn.c_proj.weight, mlp.c_proj.weight):
                 if self.config.zero_init_proj:
                     nn.init.zeros_(w)
@@ -416,12 +481,26 @@ class GPT(nn.Module):
                     bound = (3 / w.size(1)) ** 0.5
                     nn.init.uniform_(w, -bound, bound)
             if attn.ve_gate is not None:
-                nn.init.zeros_(attn.ve_gate.weight)
+                nn.init.uniform_(attn.ve_gate.weight, 0.0, cfg.ve_gate_init)  # U(0, 0) = zeros
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -a, a)
         if self.resid_lambdas is not None:
-            self.resid_lambdas.fill_(1.0)  # plain residual at init
-            self.x0_lambdas.fill_(0.1)  # a little of the embedding fed back into every layer
+            if cfg.lambda_init == "ramp":
+                frac = torch.arange(cfg.depth, dtype=torch.float32) / max(cfg.depth - 1, 1)  # 0 .. 1 over layers
+                self.resid_lambdas.copy_(1.15 - 0.10 * frac)  # a stronger residual early, weaker deep
+                self.x0_lambdas.copy_(0.20 - 0.15 * frac)  # more of the embedding fed back early
+            else:
+                self.resid_lambdas.fill_(1.0)  # plain residual at init
+                self.x0_lambdas.fill_(0.1)  # a little of the embedding fed back into every layer
+        if self.smear_gate is not None:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            self.smear_lambda.zero_()
+        if self.backout_lambda is not None:
+            self.backout_lambda.fill_(0.2)
+        dtype = EMBEDDING_DTYPES[cfg.embedding_dtype]
+        self.wte.to(dtype=dtype)
+        for ve in self.value_embeds.values():
+            ve.to(dtype=dtype)
         self.cos, self.sin = self._rotary_tables(self.max_positions, device=self.wte.weight.device)
 
     @property
@@ -443,12 +522,15 @@ class GPT(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """The optimizer's view: "matrix" (2-D block weights -> Muon), "embedding" (token + value embeddings),
-        "lm_head", "scalar" (per-layer lambdas) -> AdamW. Every parameter is in exactly one group."""
+        "lm_head", "scalar" (per-layer lambdas, the smear gate and lambda, backout's lambda) -> AdamW. Every
+        parameter is in exactly one group."""
+        scalars = [self.resid_lambdas, self.x0_lambdas, getattr(self.smear_gate, "weight", None),
+                   self.smear_lambda, self.backout_lambda]
         groups = {
             "matrix": list(self.blocks.parameters()),
             "embedding": [self.wte.weight, *(ve.weight for ve in self.value_embeds.values())],
             "lm_head": [self.lm_head.weight],
-            "scalar": [] if self.resid_lambdas is None else [self.resid_lambdas, self.x0_lambdas],
+            "scalar": [p for p in scalars if p is not None],
         }
         assert all(p.ndim == 2 for p in groups["matrix"])
         assert sum(len(g) for g in groups.values()) == len(list(self.parameters()))
@@ -500,8 +582,8 @@ class GPT(nn.Module):
             masks = self._window_masks(T, idx.device)
         else:  # all global: no masks, and no graph break under torch.compile
             masks = [None] * len(self.blocks)
-        x = norm(self.wte(idx))  # (B, T, C)
-        x0 = x
+        x = self._embed(idx, None)  # (B, T, C)
+        x0, x_mid = x, None
         for i, block in enumerate(self.blocks):
             if self.resid_lambdas is not None:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
@@ -512,7 +594,29 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, ve, cos_sin, masks[i], use_reentrant=False)
             else:
                 x = block(x, ve, cos_sin, masks[i])
-        return x
+            if i == self.config.backout_layer:
+                x_mid = x
+        return self._backout(x, x_mid)
+
+    def _embed(self, idx: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """Token ids (B, T) -> the normalised embeddings (B, T, C) in fp32, smeared when config.smear.
+
+        prev (B, 1, C): the normalised embedding of the position before idx[:, 0] (generation with a KV
+        cache), or None when idx[:, 0] is the first position (it then gets nothing mixed in)."""
+        x = norm(self.wte(idx).float())  # fp32 residual stream whatever the table's dtype
+        if self.smear_gate is None:
+            return x
+        shifted = x[:, :-1] if prev is None else torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
+        cur = x[:, 1:] if prev is None else x  # the positions that have a predecessor
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(cur[..., :self.config.smear_channels]))  # (B, T', 1)
+        mixed = cur + gate.to(cur.dtype) * shifted
+        return mixed if prev is not None else torch.cat([x[:, :1], mixed], dim=1)
+
+    def _backout(self, x: torch.Tensor, x_mid: torch.Tensor | None) -> torch.Tensor:
+        """x - backout_lambda * x_mid (the stream after block depth // 2) when config.backout."""
+        if self.backout_lambda is None or x_mid is None:
+            return x
+        return x - self.backout_lambda.to(x.dtype) * x_mid
 
     def _trunk_cached(self, idx: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """_trunk for generation: idx (B, T) are the tokens at positions kv_cache.pos .. pos+T-1, attending
@@ -522,15 +626,20 @@ class GPT(nn.Module):
         if pos + T > self.cos.size(1):
             raise ValueError(f"position {pos + T} is beyond the rotary table ({self.cos.size(1)} positions)")
         cos_sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]  # rotary angles of the absolute positions
-        x = norm(self.wte(idx))  # (B, T, C)
-        x0 = x
+        prev = kv_cache.prev_embedding if pos > 0 else None
+        if self.smear_gate is not None:  # what the token after these mixes in (before smearing, as training)
+            kv_cache.prev_embedding = norm(self.wte(idx[:, -1:]).float())
+        x = self._embed(idx, prev)  # (B, T, C)
+        x0, x_mid = x, None
         for i, block in enumerate(self.blocks):
             if self.resid_lambdas is not None:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None  # (B, T, Hkv*D)
             x = block(x, ve, cos_sin, None, kv_cache)
+            if i == self.config.backout_layer:
+                x_mid = x
         kv_cache.pos += T
-        return x
+        return self._backout(x, x_mid)
 
     def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> the normalised final hidden states (B, T, C) that the lm_head reads.

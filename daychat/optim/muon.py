@@ -4,14 +4,18 @@ for the 2-D weight matrices of the transformer blocks. Embeddings, lm_head and s
 
 One step, per parameter W (rows x cols) with gradient G (nanochat nanochat/optim.py, modded-nanogpt):
 1. Nesterov momentum: M <- beta M + (1 - beta) G; U = (1 - beta) G + beta M (U = M without Nesterov).
+   MuonEq (`eq`, arXiv:2603.28254, nanochat since 2026-07): every row of U is rescaled to the RMS row norm
+   of U, so the spectrum that enters the orthogonalisation is better conditioned.
 2. Orthogonalise: U -> ~ U_s V_s^T (the polar factor of U = U_s S V_s^T), by 5 Polar-Express iterations
    (Amsel, Persson, Musco, Gower, arXiv:2505.16932; the coefficients nanochat uses, computed for 5 iterations,
    safety factor 2e-2, cushion 2) or the classic quintic Newton-Schulz (3.4445, -4.7750, 2.0315) of
    modded-nanogpt. Odd matrix polynomials keep the singular vectors and push every singular value towards 1;
-   they run stably in bf16, which is what we use on CUDA (fp32 on CPU).
+   they run stably in bf16, which is what we use on CUDA (fp32 on CPU). Muon+ (`renorm`,
+   arXiv:2602.21545, nanochat since 2026-07): the result is rescaled to Frobenius norm sqrt(min(rows,
+   cols)), that of an exactly semi-orthogonal matrix, undoing the iteration's under-convergence.
 3. NorMuon (arXiv:2510.05491, as in nanochat): a factored second moment of the orthogonalised update, per
    row (or per column for wide matrices), evens out the update scale across neurons; the Frobenius norm of
-   the update is kept. beta2=None turns it off.
+   the update is kept. beta2=None turns it off; nanochat's beta2 is 0.9 (0.95 before 2026-03).
 4. Update W <- W - lr * s * U', with the shape scale s = max(1, rows / cols) ** 0.5 (nanochat optim.py and
    modded-nanogpt: tall matrices, e.g. the MLP up-projection, get sqrt(4) = 2x), and *cautious* decoupled
    weight decay W <- W - lr * s * wd * W only where the update and W agree in sign (nanochat dev/LOG.md;
@@ -71,10 +75,11 @@ def orthogonalize(G: Tensor, steps: int = 5, method: str = "polar_express") -> T
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters. Hyperparameters (per group): lr, momentum, nesterov, ns_steps, weight_decay
     (cautious, decoupled, multiplied by lr as in AdamW), beta2 (NorMuon second moment; None = off), method
-    ('polar_express' or 'newton_schulz')."""
+    ('polar_express' or 'newton_schulz'), eq (MuonEq row equilibration), renorm (Muon+)."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 weight_decay: float = 0.0, beta2: float | None = 0.95, method: str = "polar_express"):
+                 weight_decay: float = 0.0, beta2: float | None = 0.9, method: str = "polar_express",
+                 eq: bool = True, renorm: bool = True):
         if lr < 0 or not 0 <= momentum < 1 or ns_steps < 1 or weight_decay < 0:
             raise ValueError(f"Muon: bad hyperparameters lr={lr} momentum={momentum} ns_steps={ns_steps} "
                              f"weight_decay={weight_decay}")
@@ -83,7 +88,7 @@ class Muon(torch.optim.Optimizer):
         if method not in ("polar_express", "newton_schulz"):
             raise ValueError(f"Muon: method must be 'polar_express' or 'newton_schulz', got {method!r}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        weight_decay=weight_decay, beta2=beta2, method=method)
+                        weight_decay=weight_decay, beta2=beta2, method=method, eq=eq, renorm=renorm)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -124,7 +129,13 @@ class Muon(torch.optim.Optimizer):
         updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
 
         # 2. orthogonalise all same-shape matrices at once: (n, rows, cols)
-        U = orthogonalize(torch.stack(updates), group["ns_steps"], group["method"]).float()
+        X = torch.stack(updates).float()
+        if group.get("eq", False):  # MuonEq: every row to the RMS row norm ||X||_F / sqrt(rows)
+            target = X.norm(dim=(-2, -1), keepdim=True) / rows ** 0.5
+            X = X * (target / X.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        U = orthogonalize(X, group["ns_steps"], group["method"]).float()
+        if group.get("renorm", False):  # Muon+: Frobenius norm of a semi-orthogonal matrix, sqrt(min(rows, cols))
+            U = U * (min(rows, cols) ** 0.5 / U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
 
         # 3. NorMuon: divide by the RMS of each row (column) tracked over steps, then restore the total norm
         if beta2 is not None:

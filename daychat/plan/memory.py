@@ -6,10 +6,11 @@
 
 What is counted (every term below says where it comes from in the code):
 
-- static, for the whole run: fp32 master weights (gpt.py keeps fp32 parameters under autocast), fp32
-  gradients (a .grad has its parameter's dtype), optimizer state (daychat/optim: AdamW exp_avg + exp_avg_sq,
-  fp32, for embeddings, lm_head and scalars; Muon one fp32 momentum buffer per block matrix plus NorMuon's
-  factored second moment, one fp32 per row or column);
+- static, for the whole run: master weights (gpt.py: fp32, but the token and value embeddings in
+  config.embedding_dtype, bf16 on CUDA by default), gradients (a .grad has its parameter's dtype),
+  optimizer state (daychat/optim: AdamW exp_avg + exp_avg_sq in the parameter's dtype, for embeddings,
+  lm_head and scalars; Muon one fp32 momentum buffer per block matrix plus NorMuon's factored second
+  moment, one fp32 per row or column);
 - per micro-batch, at the start of backward: the activations autograd saves for backward, per layer per
   token (by precision; eager vs torch.compile; with or without activation checkpointing), the logits
   buffers (fp32 logits, softcap and cross-entropy and their gradients: at a 32k vocabulary these are as
@@ -85,18 +86,25 @@ def matrix_shapes(config: GPTConfig) -> list[tuple[int, int]]:
     return shapes
 
 
+def embedding_bytes(config: GPTConfig) -> int:
+    """Bytes per element of the token and value embeddings (GPTConfig.embedding_dtype)."""
+    return BF16 if config.embedding_dtype == "bf16" else FP32
+
+
 def static_bytes(config: GPTConfig) -> dict[str, int]:
     """Weights, gradients and optimizer state: allocated once, held for the whole run."""
     p = param_counts(config)
-    adam = p["embedding"] + p["lm_head"] + p["scalar"]
+    E = embedding_bytes(config)
+    rest = p["total"] - p["embedding"]  # block matrices, lm_head, scalars: fp32
     # NorMuon's second moment is (rows, 1) for tall/square and (1, cols) for wide matrices (optim/muon.py).
     normuon = sum(max(r, c) for r, c in matrix_shapes(config))
     return {
-        "weights": FP32 * p["total"],  # fp32 master weights (gpt.py docstring: autocast leaves them fp32)
-        "grads": FP32 * p["total"],  # .grad has the parameter's dtype
-        # AdamW: exp_avg + exp_avg_sq in the parameter's dtype (torch.optim.AdamW); Muon: momentum_buffer
+        "weights": FP32 * rest + E * p["embedding"],  # fp32 master weights, embeddings in embedding_dtype
+        "grads": FP32 * rest + E * p["embedding"],  # .grad has the parameter's dtype
+        # AdamW (optim/adamw.py): exp_avg + exp_avg_sq in the parameter's dtype; Muon: momentum_buffer
         # (zeros_like the parameter) + the factored fp32 second moment.
-        "optimizer": 2 * FP32 * adam + FP32 * p["matrix"] + FP32 * normuon,
+        "optimizer": 2 * E * p["embedding"] + 2 * FP32 * (p["lm_head"] + p["scalar"]) + FP32 * p["matrix"]
+                     + FP32 * normuon,
     }
 
 
@@ -211,10 +219,14 @@ def estimate_memory(config: GPTConfig, device_batch: int, seq_len: int, *, preci
 
     # Activations: per layer per token, plus the embedding (wte output saved by rms_norm, x0 saved by every
     # layer's x0_lambdas multiply) and the final norm's output saved by lm_head (bf16 copy under autocast).
+    # Smear keeps the normalised embedding from before the smear alive (its gate and the product with the
+    # previous position save views of it) beside the smeared x0: one more fp32 C. Backout adds nothing
+    # net: the final norm saves x - lambda x_mid instead of the last block's output, and x_mid is the next
+    # layer's saved input anyway.
     ve_layers = set(config.value_embed_layers())
     per_layer = [layer_bytes_per_token(config, i in ve_layers, precision, compile) for i in range(config.depth)]
     head_in = FP32 * C if precision == "fp32" else BF16 * C
-    outside = 2 * FP32 * C + head_in
+    outside = 2 * FP32 * C + head_in + (FP32 * C if config.smear else 0)
     if activation_checkpointing:
         # torch.utils.checkpoint keeps each block's inputs (x_in fp32, its value embedding fp32) and the
         # block output stays saved by the next layer's mixing; backward recomputes one block at a time, so
@@ -245,13 +257,15 @@ def estimate_memory(config: GPTConfig, device_batch: int, seq_len: int, *, preci
     # X. In bf16 on CUDA those are S/2 each: 4 S in all, the same as NorMuon's U, scaled and rescaled copies
     # afterwards. In fp32 on a CPU they are S each, plus the norm's temporary: measured ~8 S (bench/memory.py,
     # the optimizer-step-bound config d12-v1k-wide).
-    # AdamW on CUDA is fused (no temporaries); on a CPU its per-tensor loop makes sqrt(v) and the
-    # denominator: 2 x the largest AdamW tensor.
+    # AdamW (optim/adamw.py) goes one tensor at a time: an fp32 tensor needs one temporary (the
+    # denominator; the squared gradient is freed before it), a bf16 one its fp32 copies of the parameter,
+    # gradient and both moments plus the denominator: 5 fp32 copies of the largest embedding table.
     stacks: dict[tuple[int, int], int] = {}
     for r, c in matrix_shapes(config):
         stacks[(r, c)] = stacks.get((r, c), 0) + r * c
     muon_tmp = (4 if device == "cuda" else 8) * FP32 * max(stacks.values())
-    adam_tmp = 0 if device == "cuda" else 2 * FP32 * max(p["wte"], p["lm_head"])
+    largest_table = max(p["wte"], config.kv_heads * config.head_dim * config.padded_vocab_size if ve_layers else 0)
+    adam_tmp = max(FP32 * p["lm_head"], (5 if embedding_bytes(config) != FP32 else 1) * FP32 * largest_table)
     step = max(muon_tmp, adam_tmp)
 
     if backward >= step:
@@ -320,6 +334,10 @@ def inference_bytes_per_token(config: GPTConfig, precision: str) -> int:
       ve           the layer's looked-up value embedding (loop variable)                  kvd (VE layers)
       h            norm(x'), the MLP input                                               C
       fc, relu     c_fc's output and relu's, both alive while relu runs (then relu^2 replaces fc)   4C + 4C
+      x_mid        with config.backout, the stream after block depth // 2, kept to the end           C
+
+    (smear mixes the previous position's embedding in before the first block: its temporaries are gone
+    before the blocks run.)
 
     fp32 (CPU): 4 bytes each = 4 (12 C + kvd); measured 13.65 C floats for MHA with value embeddings,
     12.67 C without (bench/memory.py), the rest a fixed scratch. bf16 autocast (CUDA): the residual stream,
@@ -329,9 +347,10 @@ def inference_bytes_per_token(config: GPTConfig, precision: str) -> int:
     """
     C, kvd = config.model_dim, config.kv_heads * config.head_dim
     ve = kvd if config.value_embeds else 0
+    mid = C if config.backout else 0  # backout keeps the mid-depth stream (fp32) for the layers after it
     if precision == "fp32":
-        return FP32 * (12 * C + ve)
-    return FP32 * (4 * C + ve) + BF16 * C + BF16 * 8 * C
+        return FP32 * (12 * C + ve + mid)
+    return FP32 * (4 * C + ve + mid) + BF16 * C + BF16 * 8 * C
 
 
 def head_bytes_per_row(vocab_size: int, padded_vocab: int | None = None, precision: str = "bf16") -> int:
@@ -454,9 +473,9 @@ def generation_phase(config: GPTConfig, prompt_tokens: int, *, static: dict[str,
 
 
 def model_bytes(config: GPTConfig) -> dict[str, int]:
-    """An evaluation stage's static memory: the model's fp32 weights (load_model_folder keeps fp32) and its
-    rotary tables."""
-    return {"weights": FP32 * param_counts(config)["total"], "rotary": rotary_bytes(config)}
+    """An evaluation stage's static memory: the model's weights (load_model_folder keeps them fp32, the
+    embeddings in config.embedding_dtype as trained) and its rotary tables."""
+    return {"weights": static_bytes(config)["weights"], "rotary": rotary_bytes(config)}
 
 
 def in_training_static(config: GPTConfig, ema: bool = False) -> dict[str, int]:

@@ -208,6 +208,7 @@ class Plan:
         return {
             "depth": c.depth, "aspect_ratio": i.aspect_ratio, "head_dim": i.head_dim, "n_kv_head": i.n_kv_head,
             "window_pattern": i.window_pattern, "horizon": "time", "budget_h": round(i.pretrain_hours, 2),
+            "tokens": int(round(c.tokens, -7)),
             "total_batch": c.total_batch, "device_batch": c.device_batch,
             "seq_len": [[float(f), int(s)] for f, s in c.curriculum],
         }
@@ -225,9 +226,10 @@ class Plan:
 
 
 def _config(inputs: PlanInputs, depth: int, max_seq_len: int) -> GPTConfig:
+    # bf16 embeddings: what pretrain.embedding_dtype auto gives on a CUDA card
     return GPTConfig(vocab_size=inputs.vocab_size, sequence_len=max_seq_len, depth=depth,
                      aspect_ratio=inputs.aspect_ratio, head_dim=inputs.head_dim,
-                     n_kv_head=inputs.n_kv_head or None, window_pattern=inputs.window_pattern)
+                     n_kv_head=inputs.n_kv_head or None, window_pattern=inputs.window_pattern, embedding_dtype="bf16")
 
 
 def _phases(inputs: PlanInputs, cfg: GPTConfig, curriculum) -> tuple[Phase, ...]:

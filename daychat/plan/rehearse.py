@@ -473,9 +473,8 @@ def recipe_shapes(params_path: str, *, tokenizer: str | None, bundle: str | None
                 ("tokenizer", "pretrain", "sft", "core_eval", "chat_eval")}
     p = sections["pretrain"]
     curriculum = sorted({t for _, t in p.curriculum()})
-    config = GPTConfig(vocab_size=sections["tokenizer"].vocab_size, sequence_len=max(curriculum), depth=p.depth,
-                       aspect_ratio=p.aspect_ratio, head_dim=p.head_dim, n_kv_head=p.n_kv_head or None,
-                       window_pattern=p.window_pattern, short_window=p.short_window, softcap=p.softcap)
+    # The card's model (bf16 embeddings under embedding_dtype auto); the CPU children build the same one.
+    config = p.model_config(sections["tokenizer"].vocab_size, max(curriculum), "cuda")
     rehearsed = curriculum[-1:] if longest_only else curriculum
     if lengths:
         try:

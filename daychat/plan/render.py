@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 from daychat.plan.cards import GIB
@@ -11,6 +12,12 @@ from daychat.plan.planner import Plan, make_plan
 _KEY = re.compile(r"^  (\w+):")
 _SECTION = re.compile(r"^(\w+):")
 
+
+# Shard sizing (the data note): a ClimbMix / FineWeb-Edu shard is ~250M characters, ~50M tokens at a 32k
+# vocabulary (nanochat: ~150 ClimbMix shards for ~7B tokens); dedup + the quality stage keep ~85% (an
+# assumption until the first real run's dedup.json / quality.json say).
+SHARD_TOKENS = 50e6
+KEPT = 0.85
 
 def yaml_scalar(value) -> str:
     """A YAML scalar both PyYAML and DVC read back as the same type (floats always with a dot: 3.0e-4)."""
@@ -40,6 +47,7 @@ def comments(plan: Plan) -> dict[str, str]:
         "n_kv_head": "0 = no GQA: memory is not the binding constraint at this size",
         "window_pattern": "all-global: SDPA has no sliding-window kernel that skips the masked work",
         "horizon": "warm down on time whatever throughput the card gives",
+        "tokens": "the tokens the plan expects: the horizon daychat.optim.transfer scales Muon's weight decay for",
         "budget_h": f"{i.pretrain_share:.0%} of {i.hours:g} h; the rest: data stages, SFT, evals, margin",
         "total_batch": f"power of two nearest DeepSeek LLM's B_opt = 0.292 C^0.327 at C = {c.compute:.2e}",
         "device_batch": f"rows of {c.max_seq_len} per micro-batch, {c.accum_steps} a step; est. "
@@ -216,8 +224,11 @@ def plan_markdown(plan: Plan) -> str:
         "pipeline (dedup + quality filter) changes the loss, possibly the optimum. The sweep "
         "(`python -m daychat.plan.sweep`, reports/scaling.md) fits our own curve, at CPU scale only.",
         "- The memory estimate is a model, not a measurement; the margin covers the allocator and the CUDA context.",
-        "- Data: the FineWeb-Edu shards kept after dedup and filtering must hold the planned tokens, or the run "
-        "repeats data (epochs > 1 in reports/metrics/pretrain.json).",
+        f"- Data: what dedup and the quality stage keep of the downloaded shards must hold the planned tokens, or "
+        f"the run repeats data (epochs > 1 in reports/metrics/pretrain.json). The loader drops nothing, so the "
+        f"tokens read are the tokens trained: at ~{SHARD_TOKENS / 1e6:.0f}M tokens a shard (~250M characters, "
+        f"32k vocabulary) and ~{KEPT:.0%} kept, {c.tokens / 1e9:.2f}B tokens need "
+        f"{math.ceil(c.tokens / (SHARD_TOKENS * KEPT))} train shards (download.shards; more for a faster card).",
         "",
     ]
     return "\n".join(lines)

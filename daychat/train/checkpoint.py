@@ -11,6 +11,13 @@ the size of the state (the older checkpoints are deleted only once the new one i
 count as free), so a full disk stops the run with one line saying how much is needed where, not with
 torch's "unexpected pos" from its zip writer.
 
+`save_async` does not stall training for the write: the state is copied to host memory at the step
+boundary (a copy of every tensor, so later steps cannot change what is written; ~1 s for a d20's ~6 GB
+over PCIe) and a background thread writes it while training goes on. At most one write is in flight (a
+second save first waits for the first), `wait()` joins it and re-raises its error, and the file is the
+same bytes a plain `save` of that state writes, so resuming from it is exact. The cost is host memory: one
+copy of the state while it is written.
+
 The folder must not be a pipeline output: DVC and Snakemake both delete a stage's outputs before they
 rerun it, which would make resuming impossible. The pretrain stage keys it by a fingerprint of its
 inputs (see `run_fingerprint`), so a rerun with the same inputs resumes and one with other params starts
@@ -25,6 +32,7 @@ import json
 import os
 import pickle
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +69,8 @@ class Checkpointer:
         if self.folder.is_dir():
             for step in {m.group(1) for p in self.folder.iterdir() if (m := _TEMP.fullmatch(p.name))}:
                 clean_stale_temps(self.folder / f"step_{step}.pt")
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def path(self, step: int) -> Path:
         return self.folder / f"step_{step:06d}.pt"
@@ -84,6 +94,32 @@ class Checkpointer:
         for old in self.all()[:-self.keep]:
             old.unlink(missing_ok=True)
         return path
+
+    def save_async(self, step: int, state: dict[str, Any]) -> Path:
+        """Copy `state` to host memory now and write it in a background thread; returns the path it will have."""
+        self.wait()  # one write in flight at a time (and its error, if any, surfaces here)
+        snapshot = to_host(state)
+
+        def write() -> None:
+            try:
+                self.save(step, snapshot)
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=False)
+        self._thread.start()
+        return self.path(step)
+
+    def wait(self) -> None:
+        """Block until the background write (if any) is on disk; re-raise what it failed with."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            if isinstance(error, UserError) or getattr(error, "errno", None) == errno.ENOSPC:
+                raise error  # already one line, or a full disk that daychat.cli says as such
+            raise UserError(f"writing a checkpoint to {self.folder} failed ({type(error).__name__}: {error})") from error
 
     def load(self, path: str | os.PathLike | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
         """The checkpoint at `path` (default: the latest), or None when there is none."""
@@ -144,6 +180,18 @@ def save_file(state: Any, path: str | os.PathLike) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
 
 
+def to_host(obj: Any) -> Any:
+    """A copy of a state tree (dicts, lists, tuples) whose tensors are fresh CPU copies, detached from
+    anything training goes on changing."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj  # numbers, strings, None: immutable
+
+
 def run_fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (params, input hashes): the name of a run's checkpoint folder."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
@@ -154,19 +202,22 @@ def run_fingerprint(*parts: Any) -> str:
 # The final model folder: what the next stages (and people) load.
 #
 #     model.pt       fp32 state_dict (torch.save of a plain dict of tensors: loads with weights_only=True)
+#     optimizer.pt   optional: the optimizers' final state_dicts (a list), so that SFT continues from them
 #     config.json    the GPTConfig
 #     tokenizer/     a copy of the tokenizer the model was trained with (a few hundred KB)
 #     meta.json      params, code version, hardware, data, FLOPs, final metrics
 
 MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
 CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 
 
 def write_model_folder(out: str | os.PathLike, model: torch.nn.Module, config: Any, meta: dict,
-                       tokenizer: str | os.PathLike) -> None:
-    """Write the model folder `out` as a whole (built under a temporary name, then renamed)."""
+                       tokenizer: str | os.PathLike, optimizers: list[dict] | None = None) -> None:
+    """Write the model folder `out` as a whole (built under a temporary name, then renamed); with
+    `optimizers` (their state_dicts) also optimizer.pt."""
     import dataclasses
     import shutil
 
@@ -174,9 +225,13 @@ def write_model_folder(out: str | os.PathLike, model: torch.nn.Module, config: A
     from daychat.provenance import reproducible
 
     state = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
-    ensure_space(Path(out).parent, state_bytes(state) + tree_bytes(tokenizer), f"model folder {Path(out).name}")
+    opt_state = to_host(optimizers) if optimizers is not None else None
+    ensure_space(Path(out).parent, state_bytes(state) + state_bytes(opt_state) + tree_bytes(tokenizer),
+                 f"model folder {Path(out).name}")
     with atomic_dir(out) as tmp:
         save_file(state, tmp / MODEL_FILE)
+        if opt_state is not None:
+            save_file(opt_state, tmp / OPTIMIZER_FILE)
         write_json(tmp / CONFIG_FILE, dataclasses.asdict(config))
         shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)
         write_json(tmp / META_FILE, reproducible(meta))  # timings stay in the stage's metrics file
@@ -222,3 +277,14 @@ def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "c
     meta_path = folder / META_FILE
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     return model.eval(), meta
+
+
+def load_optimizer_state(folder: str | os.PathLike, device: str | torch.device = "cpu") -> list[dict] | None:
+    """The optimizers' state_dicts saved in a model folder (optimizer.pt), or None when it has none."""
+    path = Path(folder) / OPTIMIZER_FILE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); rerun the pretrain stage") from None

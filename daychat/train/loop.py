@@ -84,6 +84,7 @@ class CheckpointPolicy:
     every_steps: int = 0
     every_s: float = 0.0
     extra: dict = field(default_factory=dict)  # saved alongside (e.g. the params and model config)
+    background: bool = False  # copy to host memory and write in a background thread (Checkpointer.save_async)
 
 
 @dataclass
@@ -209,11 +210,20 @@ class Trainer:
                                       "aside to start over") from None
         return self.state.step
 
-    def save(self) -> None:
+    def save(self, wait: bool = False) -> None:
+        """Save a checkpoint of the state now (rank 0); in the background if the policy says so, and then
+        `wait` blocks until it is on disk."""
         if self.checkpoints is not None and (self.dist is None or self.dist.is_main):  # rank 0 writes
-            path = self.checkpoints.checkpointer.save(self.state.step, {**self.state_dict(), **self.checkpoints.extra})
+            checkpointer, state = self.checkpoints.checkpointer, {**self.state_dict(), **self.checkpoints.extra}
+            if self.checkpoints.background:
+                path = checkpointer.save_async(self.state.step, state)
+                if wait:
+                    checkpointer.wait()
+            else:
+                path = checkpointer.save(self.state.step, state)
             self._last_save = self.clock()
-            status(self.settings.section, f"checkpoint {path}")
+            status(self.settings.section, f"checkpoint {path}" + (" (written in the background)"
+                                                                  if self.checkpoints.background and not wait else ""))
 
     # ------------------------------------------------------------------------------------------------
     # Training
@@ -245,7 +255,7 @@ class Trainer:
             seq_len = self.schedule.seq_len(progress)
             lrm = self.schedule.lr_multiplier(progress, s.step)
             set_lr_multiplier(self.optimizers, lrm)
-            set_muon_momentum(self.optimizers, self.schedule.muon_momentum(s.step))
+            set_muon_momentum(self.optimizers, self.schedule.muon_momentum(s.step, progress))
             set_weight_decay_multiplier(self.optimizers, self.schedule.weight_decay_multiplier(progress))
 
             t0 = self.clock()
@@ -282,7 +292,9 @@ class Trainer:
                 self._evaluate()
             s.elapsed_s = elapsed()
             s.finished = True
-            self.save()  # the final state: a kill while the outputs are written resumes here, not earlier
+            self.save(wait=True)  # the final state: a kill while the outputs are written resumes here, not earlier
+        elif self.checkpoints is not None:
+            self.checkpoints.checkpointer.wait()
         return s
 
     def train_step(self, seq_len: int) -> float:
@@ -313,6 +325,8 @@ class Trainer:
             reason = (f"the train loss spiked to {loss:.4f}, over {spike:g} x its smoothed value {s.smooth_loss:.4f} "
                       f"({self.settings.section}.loss_spike)")
         if reason:
+            if self.checkpoints:
+                self.checkpoints.checkpointer.wait()  # a checkpoint still being written is a good one
             latest = self.checkpoints.checkpointer.latest() if self.checkpoints else None
             kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was saved yet"
             raise TrainingStopped(

@@ -13,8 +13,9 @@ optimizers' state settling, so it counts steps, as nanochat does), stays at 1, a
 get_lr_multiplier). The sequence-length curriculum is a list of (fraction, seq_len): from each fraction
 of progress on, rows are that long (short contexts early are cheaper per token and learn local
 statistics as well; long contexts late teach the long-range use). Beside the learning rate, Muon's
-momentum warms up from 0.85 to 0.95 over the first 300 steps and the weight decay follows a cosine to 0
-over the horizon (both nanochat's).
+momentum warms up from 0.85 to 0.97 over the first 400 steps and comes down to 0.90 over the warmdown,
+and Muon's weight decay follows a cosine to 0 over the horizon (all nanochat's, scripts/base_train.py
+get_muon_momentum and get_weight_decay at 92d63d4).
 
 Like modded-nanogpt's stage list, this is data a test can read and a log can print, not branches in
 the loop.
@@ -67,10 +68,13 @@ class Schedule:
     final_lr_frac: float = 0.0
     # (fraction of progress from which it applies, seq_len), fractions increasing, the first 0.0
     curriculum: tuple[tuple[float, int], ...] = field(default=((0.0, 1024),))
-    # Muon's momentum ramps linearly from the first value to the second over the first steps (nanochat:
-    # 0.85 -> 0.95 over 300 steps; a lower momentum early tracks the fast-moving first gradients).
-    momentum: tuple[float, float] = (0.85, 0.95)
-    momentum_warmup_steps: int = 300
+    # Muon's momentum (start, peak, end): start -> peak linearly over the first momentum_warmup_steps (a
+    # lower momentum early tracks the fast-moving first gradients), then peak -> end linearly over the
+    # warmdown (less averaging while the learning rate falls). nanochat's base_train: 0.85 -> 0.97 over 400
+    # steps, 0.97 -> 0.90 in the warmdown; its chat_sft (and daychat before issue 17): 0.85 -> 0.95 over
+    # 300 steps and no change in the warmdown.
+    momentum: tuple[float, float, float] = (0.85, 0.97, 0.90)
+    momentum_warmup_steps: int = 400
 
     def __post_init__(self):
         fractions = [f for f, _ in self.curriculum]
@@ -88,10 +92,16 @@ class Schedule:
         left = max(0.0, (1.0 - progress) / self.warmdown_frac)  # 1 at the start of the warmdown, 0 at the end
         return warmup * (left + (1.0 - left) * self.final_lr_frac)
 
-    def muon_momentum(self, step: int) -> float:
-        start, end = self.momentum
-        frac = min(1.0, step / self.momentum_warmup_steps) if self.momentum_warmup_steps > 0 else 1.0
-        return start + (end - start) * frac
+    def muon_momentum(self, step: int, progress: float = 0.0) -> float:
+        """Muon's momentum for optimizer step `step` at `progress` (the warmup wins where they overlap, as
+        in nanochat's get_muon_momentum)."""
+        start, peak, end = self.momentum
+        if step < self.momentum_warmup_steps:
+            return start + (peak - start) * step / self.momentum_warmup_steps
+        warmdown_start = 1.0 - self.warmdown_frac
+        if self.warmdown_frac > 0.0 and progress > warmdown_start:
+            return peak + (end - peak) * min(1.0, (progress - warmdown_start) / self.warmdown_frac)
+        return peak
 
     def weight_decay_multiplier(self, progress: float) -> float:
         """Weight decay follows a cosine from its full value to 0 at the end of the horizon (nanochat)."""
@@ -170,4 +180,5 @@ def schedule_from_params(p, scaling_params: int) -> Schedule:
         tokens = p.tokens if p.horizon == "tokens" else round(p.tokens_per_param * scaling_params)
         horizon = Horizon("tokens", tokens=tokens)
     return Schedule(horizon, warmup_steps=p.warmup_steps, warmdown_frac=p.warmdown_frac,
-                    final_lr_frac=p.final_lr_frac, curriculum=tuple(p.curriculum()))
+                    final_lr_frac=p.final_lr_frac, curriculum=tuple(p.curriculum()),
+                    momentum=tuple(p.muon_momentum), momentum_warmup_steps=p.muon_momentum_warmup_steps)
