@@ -69,7 +69,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--base", help="base model folder to sample from (models/base)")
     parser.add_argument("--sft", help="SFT model folder to sample from (models/sft)")
     parser.add_argument("--dropped", help="the quality stage's audit sample (data/filtered/dropped.parquet)")
-    parser.add_argument("--ablation", help="the quality filters' downstream ablation results (reports/ablate.json), "
+    parser.add_argument("--ablation", help="the quality filters' downstream ablation results (reports/ablate-filters/results.json), "
                                            "when they exist; without them each filter's effect reads \"not measured\"")
     parser.add_argument("--params", default="params.yaml", help="params file recorded in the header")
     parser.add_argument("--dvc-yaml", default="dvc.yaml", help="the pipeline, for the list of expected stages")

@@ -125,7 +125,7 @@ def test_filter_ablation_reads_the_harness_list_of_runs(tmp_path):
     the filter variants, paired on the seeds every variant has, by heldout_bpb when all runs report it."""
     runs = [{"variant": v, "seed": seed, "scale": "d4x128", "budget": "short",
              "metrics": {"val_bpb": 9.0, "heldout_bpb": base + 0.01 * seed}}
-            for v, base in (("dedup_only", 2.2), ("heuristics", 2.1)) for seed in (0, 1, 2)]
+            for v, base in (("dedup-only", 2.2), ("heuristics", 2.1)) for seed in (0, 1, 2)]  # the harness's '-' names
     runs += [{"variant": "heuristics", "seed": 3, "scale": "d4x128", "budget": "short", "metrics": {"heldout_bpb": 0.0}},
              {"variant": "dedup_only", "seed": 0, "scale": "d4x128", "budget": "long", "metrics": {"heldout_bpb": 0.0}},
              {"variant": "baseline", "seed": 0, "scale": "d4x128", "budget": "short", "metrics": {"heldout_bpb": 0.0}}]
