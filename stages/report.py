@@ -8,7 +8,8 @@ that has not run is listed under "missing stages" and its section says so, so th
 workspace is still a report. Optional detail inputs: --core-tasks (core_eval's per-task details), --sft
 (the SFT model folder), --dropped (the quality stage's audit sample), --dvc-lock (DVC's output hashes),
 --ablation (the quality filters' downstream ablation results, daychat/data/filter_ablation.py; not a DVC
-dependency, since `make ablate` writes it outside the pipeline: rerun the report after it).
+dependency, since `make ablate` writes it outside the pipeline: rerun the report after it), --benchmarks
+(Snakemake's per-job benchmarks, default benchmarks/: job time and peak RSS in the budget table where current).
 Writes, each as a whole: the PNGs in --out, the markdown at --md, and flat metrics (stages done/missing,
 plots, budget used) at --metrics. Ends with where the report is and the headline numbers.
 """
