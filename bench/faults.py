@@ -960,7 +960,7 @@ def table(results: list[Result], summary: dict) -> str:
              f"{summary['tried']} faults tried, {summary['survived']} survived, {summary['failed']} failed, "
              f"{summary['data_lost']} with data lost ({summary['skipped']} not tried here) in "
              f"{summary['seconds'] / 60:.1f} min on {summary['machine']}.", "",
-             *([f"Run again on their own after the full run (harness fixes): {', '.join(summary['reruns'])}.", ""]
+             *([f"Run again on their own after the full run, on the code that fixed them: {', '.join(summary['reruns'])}.", ""]
                if summary.get("reruns") else []),
              "Outputs compared byte for byte with an uninterrupted run: every `outs` file except "
              + "; ".join(f"`{k}` ({v})" for k, v in NOT_DETERMINISTIC.items())
