@@ -721,11 +721,10 @@ def json_schema() -> dict[str, Any]:
     }
     for name, cls in SECTIONS.items():
         section_schema = TypeAdapter(cls).json_schema()
+        defaults = cls()
         for key, prop in section_schema["properties"].items():
             prop.pop("title", None)  # "Vocab Size": the key says it better
-            default = next(f for f in dataclasses.fields(cls) if f.name == key).default_factory
-            if "default" not in prop and default is not dataclasses.MISSING:  # a list/dict default
-                prop["default"] = default()
+            prop.setdefault("default", getattr(defaults, key))  # pydantic leaves out the default_factory ones
         section_schema["title"] = name
         section_schema["description"] = " ".join((cls.__doc__ or "").split())
         schema["properties"][name] = section_schema
