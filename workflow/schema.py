@@ -50,5 +50,22 @@ def check(params: str | Path, schema: str | Path) -> None:
         hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(sorted(known))}"
         what = "section" if not key else "key"
         raise SchemaError(f"{params.name}: {f'{key}.' if key else ''}{unknown} is not a known {what} ({hint})")
-    message = " ".join(error.message.split())
-    raise SchemaError(f"{params.name}: {key or 'the file'}: {message} (schema: {Path(schema).name})")
+    raise SchemaError(f"{params.name}: {key or 'the file'} {_must_be(error)}")
+
+
+# The wording daychat.params uses for the same mistakes, so that a key says the same whichever check finds it.
+_TYPES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+          "array": "a list", "object": "a mapping"}
+
+
+def _must_be(error: jsonschema.ValidationError) -> str:
+    got, rule = error.instance, error.validator_value
+    if error.validator == "type" and rule in _TYPES:
+        return f"must be {_TYPES[rule]}, got {got!r}"
+    if error.validator == "minimum":
+        return f"must be >= {rule}, got {got!r}"
+    if error.validator == "maximum":
+        return f"must be <= {rule}, got {got!r}"
+    if error.validator == "enum":
+        return f"must be one of {', '.join(map(str, rule))}, got {got!r}"
+    return f"is not valid: {' '.join(error.message.split())} (workflow/schemas/params.schema.json)"
