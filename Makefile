@@ -7,7 +7,7 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 CORES      ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup setup-cluster demo test bench faults plan sweep ablate chat serve clean-demo rehearse gpu-check schema
+.PHONY: setup setup-cluster demo test bench faults plan sweep ablate ablate-filters chat serve clean-demo rehearse gpu-check schema
 
 setup: $(VENV)/.daychat-installed
 
@@ -82,6 +82,11 @@ sweep: setup
 # experiments in runs/ablate/, one at a time; reports/ablate.md. ABLATE='--config my.yaml' runs your own.
 ablate: setup
 	nice -n 10 $(PY) -m workflow.ablate $(ABLATE)
+
+# The quality filters downstream (workflow/ablate-filters.yaml): four data variants x 3 seeds, scored on a
+# held-out Gutenberg shard; reports/ablate-filters.md, read by the report stage's data section.
+ablate-filters: setup
+	nice -n 10 $(PY) -m workflow.ablate --config workflow/ablate-filters.yaml --report reports/ablate-filters.md
 
 # Talk to a model: make chat (models/sft of the root run), or MODEL=runs/demo/models/sft.
 chat: setup

@@ -39,8 +39,34 @@ except _schema.SchemaError as e:
     _fail(e)
 
 
-def _output(path):
-    return directory(path) if _dag.is_folder(path) else path
+def _output(stage, path):
+    """A stage's output as Snakemake declares it; the report stage's plots and page, and every stage's metrics
+    file, marked for `snakemake --report` (workflow/dag.py says which, workflow/report/ has the captions)."""
+    out = directory(path) if _dag.is_folder(path) else path
+    for where, caption, category in (_dag.REPORT_PLOTS, _dag.REPORT_PAGE):
+        if path == where:
+            patterns = ["{name}.png"] if _dag.is_folder(path) else []
+            return report(out, caption=f"workflow/report/{caption}", category=category, patterns=patterns)
+    if path in stage.metrics:
+        caption, category = _dag.REPORT_METRICS
+        return report(out, caption=f"workflow/report/{caption}", category=category, subcategory=stage.name)
+    return out
+
+
+def _logged(command):
+    # The job's own stdout and stderr go to its log (`log:`) and, through tee, on to the terminal as before
+    # (both on stdout: one stream keeps their order in the log). Unbuffered, so that the terminal and the log
+    # follow the stage live, as they did without the pipe. pipefail (Snakemake's bash prefix) keeps the
+    # stage's exit status. A killed job leaves its log as far as it got: nothing reads a log as a sign of
+    # work done (Snakemake decides from outputs and its records, the report from metrics and benchmarks),
+    # and the job's next run starts it afresh (Snakemake deletes a job's log before running it).
+    return f"export PYTHONUNBUFFERED=1; ( {command} ) 2>&1 | tee {{log}}"
+
+
+# One software environment for every rule: with `--use-conda` (a cluster, a fresh machine), Snakemake builds it
+# from this file and its post-deploy script (which installs daychat itself); without, rules run in the
+# current environment (`make setup`'s .venv) and the directive is only documentation.
+_ENV = "workflow/envs/daychat.yaml"
 
 
 # Per-shard mode (off unless `--config per_shard=true`, as the cluster profiles set it): a stage with
@@ -68,6 +94,13 @@ except _dag.DagError as e:
     _fail(e)
 
 
+def _parts_folder(wildcards, output):
+    """The parts folder (workflow/dag.py, Stage.parts) of a `<stage>_list` or `<stage>_shard` job: the folder of
+    its one output, derived rather than spelled out (`snakemake --lint` warns of a param that repeats an output's
+    prefix, which breaks where outputs are moved, e.g. to remote storage); the value is the same."""
+    return os.path.dirname(output[0])
+
+
 def _parts_of(stage):
     """Input function of a gathering rule: the part folder of every shard, once the checkpoint ran."""
     lister = f"{stage.name}_list" if stage.lists_shards else _dag.producer(_STAGES, stage.shards).name
@@ -75,6 +108,11 @@ def _parts_of(stage):
         getattr(checkpoints, lister).get()  # raises until the shard list exists and is up to date
         return [f"{stage.parts}/{name}" for name in _dag.shard_names_of(".", stage)]
     return parts
+
+
+# `snakemake --report report.html`: this page, then the outputs marked with report() (see _output above),
+# the runtime of every rule, and per output the rule, command, params and software environment that made it.
+report: "workflow/report/workflow.rst"
 
 
 rule all:
@@ -91,28 +129,38 @@ for _stage in _STAGES:
     _rule = dict(
         name=_stage.name,
         input=[_stage.deps + _listed, _parts_of(_stage)] if _sharded else _stage.deps,
-        output=[_output(p) for p in _stage.outputs],
+        output=[_output(_stage, p) for p in _stage.outputs],
         params=dict(cmd=_stage.cmd, **_VALUES[_stage.name]),
-        shell="{params.cmd} --gather --parts " + _stage.parts if _sharded else "{params.cmd}",
+        shell=_logged(f"{{params.cmd}} --gather --parts {_stage.parts}" if _sharded else "{params.cmd}"),
     )
+    # Wall time, peak RSS, I/O and CPU time of the job (Snakemake's benchmark TSV); the report stage's time
+    # budget reads them (daychat/report.py). To Snakemake a benchmark is one more output of the job (a
+    # missing one reruns a job named as a target, an old one dates its outputs): workflow/guard.py keeps
+    # them in step with what DVC ran meanwhile, before Snakemake plans.
     # The keyword alone makes a checkpoint (no rule setting does): the two blocks define the same rule.
     if _stage.name in _CHECKPOINTS:
         checkpoint:
             name: _rule["name"]
             input: _rule["input"]
             output: _rule["output"]
+            log: _stage.log()
+            benchmark: _stage.benchmark()
             params: **_rule["params"]
             threads: os.cpu_count() or 1
+            conda: _ENV
             shell: _rule["shell"]
     else:
         rule:
             name: _rule["name"]
             input: _rule["input"]
             output: _rule["output"]
+            log: _stage.log()
+            benchmark: _stage.benchmark()
             params: **_rule["params"]
             # The stages form a chain and parallelise inside (workers params, torch threads): each asks for
             # every core, and Snakemake caps that at --cores (it also sets OMP_NUM_THREADS, else 1).
             threads: os.cpu_count() or 1
+            conda: _ENV
             shell: _rule["shell"]
     if _listed:
         # The stage lists its own shards (names and what each is made from) into its parts folder; kept
@@ -121,9 +169,12 @@ for _stage in _STAGES:
             name: f"{_stage.name}_list"
             input: _stage.deps
             output: _stage.shard_list
-            params: cmd=_stage.cmd, parts=_stage.parts, **_VALUES[_stage.name]
+            log: _stage.log(f"{_stage.name}_list")
+            benchmark: _stage.benchmark(f"{_stage.name}_list")
+            params: cmd=_stage.cmd, parts=_parts_folder, **_VALUES[_stage.name]
             threads: 1
-            shell: "{params.cmd} --list --parts {params.parts}"
+            conda: _ENV
+            shell: _logged("{params.cmd} --list --parts {params.parts}")
     if _sharded:
         # One job per shard: the stage's command on that shard alone, into its part folder (scratch that
         # neither git nor DVC tracks; temp: Snakemake deletes it once the gather has run).
@@ -131,10 +182,13 @@ for _stage in _STAGES:
             name: f"{_stage.name}_shard"
             input: _stage.deps + _listed
             output: temp(directory(f"{_stage.parts}/{{shard}}"))
-            params: cmd=_stage.cmd, parts=_stage.parts, **_VALUES[_stage.name]
+            log: _stage.log(f"{_stage.name}_shard/{{shard}}")
+            benchmark: _stage.benchmark(f"{_stage.name}_shard/{{shard}}")
+            params: cmd=_stage.cmd, parts=_parts_folder, **_VALUES[_stage.name]
             wildcard_constraints: shard=r"[A-Za-z0-9_.\-]+"
             threads: os.cpu_count() or 1
-            shell: "{params.cmd} --shard {wildcards.shard} --parts {params.parts}"
+            conda: _ENV
+            shell: _logged("{params.cmd} --shard {wildcards.shard} --parts {params.parts}")
 
 
 def _commit(ran):

@@ -70,6 +70,7 @@ class ReportInputs:
     params_file: Path | None = None
     dvc_yaml: Path | None = None
     dvc_lock: Path | None = None
+    benchmarks: Path | None = None  # Snakemake's benchmark of each rule, <folder>/<stage>.tsv (the Snakefile's benchmark:)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Collected:
     params_text: str
     params: dict
     provenance: dict
+    benchmarks: dict[str, dict[str, float | None]] = field(default_factory=dict)  # stage -> {"s", "max_rss"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,6 +133,38 @@ def read_curves(folder: Path | None) -> dict[str, tuple[list[float], list[float]
         if steps:
             curves[path.relative_to(folder).with_suffix("").as_posix()] = (steps, values)
     return curves
+
+
+def read_benchmarks(folder: Path | None, stages: list[tuple[str, Path]]) -> dict[str, dict[str, float | None]]:
+    """Snakemake's measure of each stage, from its benchmark TSV (folder/<stage>.tsv: `s` wall seconds, `max_rss`
+    peak resident memory in MB, ...), only where it measured the run whose metrics are on disk: the benchmark is
+    written once the job ended, so one older than the stage's metrics file is of an earlier run (DVC reran the
+    stage since). NA (not measured: Snakemake writes it, and so does workflow/guard.py for a stage DVC ran) and
+    unreadable files (a write a kill cut short) are left out."""
+    found: dict[str, dict[str, float | None]] = {}
+    if not folder or not folder.is_dir():
+        return found
+    for name, metrics in stages:
+        path = folder / f"{name}.tsv"
+        try:
+            if not metrics.is_file() or path.stat().st_mtime < metrics.stat().st_mtime:
+                continue
+            with open(path, newline="") as f:
+                row = next(csv.DictReader(f, delimiter="\t"))
+        except (OSError, StopIteration, csv.Error, UnicodeDecodeError):
+            continue
+        values = {key: _number(row.get(key)) for key in ("s", "max_rss")}
+        if any(v is not None for v in values.values()):
+            found[name] = values
+    return found
+
+
+def _number(text: Any) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _read_json(path: Path | None) -> Any:
@@ -185,7 +219,7 @@ def collect(inputs: ReportInputs) -> Collected:
                      meta=meta, dropped_examples=dropped_examples(inputs.dropped),
                      filter_effects=filter_ablation.effects(filter_ablation.read_results(inputs.ablation)),
                      ablation=inputs.ablation, params_text=params_text,
-                     params=params, provenance=record)
+                     params=params, provenance=record, benchmarks=read_benchmarks(inputs.benchmarks, stages))
 
 
 def sample_models(models: dict[str, Path], p: Any) -> dict[str, list[tuple[str, str]] | str]:
@@ -397,8 +431,10 @@ def plot_core(core: dict, path: Path) -> str | None:
     return _save(fig, path)
 
 
-def budget_rows(m: dict[str, dict], stages: list[tuple[str, Path]], budget_h: float) -> list[dict]:
-    """Wall seconds (wall_s, else seconds), share of the budget and FLOPs of each stage that ran."""
+def budget_rows(m: dict[str, dict], stages: list[tuple[str, Path]], budget_h: float,
+                benchmarks: dict[str, dict] | None = None) -> list[dict]:
+    """Wall seconds (wall_s, else seconds), share of the budget and FLOPs of each stage that ran, and Snakemake's
+    measure of its job where there is one (`job_s`: the whole process, start-up included; `rss_mb`: peak RSS)."""
     rows = []
     for name, _ in stages:
         d = m.get(name)
@@ -407,7 +443,9 @@ def budget_rows(m: dict[str, dict], stages: list[tuple[str, Path]], budget_h: fl
         seconds = d.get("wall_s", d.get("seconds"))
         seconds = seconds if isinstance(seconds, (int, float)) else None
         share = seconds / (budget_h * 3600) if seconds is not None and budget_h else None
-        rows.append({"stage": name, "seconds": seconds, "share": share, "flops": d.get("flops")})
+        bench = (benchmarks or {}).get(name) or {}
+        rows.append({"stage": name, "seconds": seconds, "share": share, "flops": d.get("flops"),
+                     "job_s": bench.get("s"), "rss_mb": bench.get("max_rss")})
     return rows
 
 
@@ -456,6 +494,12 @@ def _fmt(value: Any) -> str:
             return f"{value:.3e}"
         return f"{value:,.4g}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _megabytes(mb: float | None) -> str:
+    if mb is None:
+        return "–"
+    return f"{mb / 1024:.2f} GiB" if mb >= 1024 else f"{mb:.0f} MB"
 
 
 def _duration(seconds: float | None) -> str:
@@ -685,15 +729,21 @@ def render(c: Collected, samples: dict, p: Any, out_dir: Path, md: Path, link_di
             n_samples += 1
 
     lines += [f"## Time and compute budget ({p.budget_h:g} h)", ""]
-    budget = budget_rows(m, c.stages, p.budget_h)
+    budget = budget_rows(m, c.stages, p.budget_h, c.benchmarks)
     total_s = sum(r["seconds"] or 0 for r in budget)
     total_flops = sum(r["flops"] or 0 for r in budget if isinstance(r["flops"], (int, float)))
+    measured = any(r["job_s"] is not None or r["rss_mb"] is not None for r in budget)
     if budget:
-        lines += _table(["stage", "wall time", "share of budget", "FLOPs"],
+        # Snakemake's columns only when it measured a stage (benchmarks/<stage>.tsv): a DVC run has none
+        extra = lambda r: [_duration(r["job_s"]), _megabytes(r["rss_mb"])] if measured else []
+        lines += _table(["stage", "wall time", "share of budget", "FLOPs"] + (["job time", "peak RSS"] if measured else []),
                         [[r["stage"], _duration(r["seconds"]), f"{r['share']:.2%}" if r["share"] is not None else "–",
-                          r["flops"]] for r in budget]
+                          r["flops"], *extra(r)] for r in budget]
                         + [["**total**", _duration(total_s), f"{total_s / (p.budget_h * 3600):.2%}" if p.budget_h else "–",
-                            total_flops or None]])
+                            total_flops or None] + (["", ""] if measured else [])])
+        if measured:
+            lines += ["Job time and peak RSS: Snakemake's benchmark of each stage's job (benchmarks/<stage>.tsv; the "
+                      "whole process, start-up included); – where it did not measure the run on disk (DVC ran it).", ""]
         lines += image(plot_budget(budget, p.budget_h, out_dir / "budget.png"), "time budget")
     else:
         lines += ["_No stage has run yet._", ""]

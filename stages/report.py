@@ -8,7 +8,8 @@ that has not run is listed under "missing stages" and its section says so, so th
 workspace is still a report. Optional detail inputs: --core-tasks (core_eval's per-task details), --sft
 (the SFT model folder), --dropped (the quality stage's audit sample), --dvc-lock (DVC's output hashes),
 --ablation (the quality filters' downstream ablation results, daychat/data/filter_ablation.py; not a DVC
-dependency, since `make ablate` writes it outside the pipeline: rerun the report after it).
+dependency, since `make ablate` writes it outside the pipeline: rerun the report after it), --benchmarks
+(Snakemake's per-job benchmarks, default benchmarks/: job time and peak RSS in the budget table where current).
 Writes, each as a whole: the PNGs in --out, the markdown at --md, and flat metrics (stages done/missing,
 plots, budget used) at --metrics. Ends with where the report is and the headline numbers.
 """
@@ -33,7 +34,7 @@ def main() -> None:
         metrics_dir=Path(args.metrics_dir), curves=_opt(args.curves), sft_curves=_opt(args.sft_curves), core_tasks=_opt(args.core_tasks),
         models={name: Path(path) for name, path in (("base", args.base), ("sft", args.sft)) if path},
         dropped=_opt(args.dropped), ablation=_opt(args.ablation), params_file=Path(args.params), dvc_yaml=Path(args.dvc_yaml),
-        dvc_lock=_opt(args.dvc_lock))
+        dvc_lock=_opt(args.dvc_lock), benchmarks=_opt(args.benchmarks))
     collected = collect(inputs)
     status(NAME, f"{len(collected.metrics)} stages ran, {len(collected.missing)} missing"
                  + (f" ({', '.join(collected.missing)})" if collected.missing else ""))
@@ -69,11 +70,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--base", help="base model folder to sample from (models/base)")
     parser.add_argument("--sft", help="SFT model folder to sample from (models/sft)")
     parser.add_argument("--dropped", help="the quality stage's audit sample (data/filtered/dropped.parquet)")
-    parser.add_argument("--ablation", help="the quality filters' downstream ablation results (reports/ablate.json), "
+    parser.add_argument("--ablation", help="the quality filters' downstream ablation results (reports/ablate-filters/results.json), "
                                            "when they exist; without them each filter's effect reads \"not measured\"")
     parser.add_argument("--params", default="params.yaml", help="params file recorded in the header")
     parser.add_argument("--dvc-yaml", default="dvc.yaml", help="the pipeline, for the list of expected stages")
     parser.add_argument("--dvc-lock", help="DVC's lock file, to list its output hashes (current under dvc repro only)")
+    parser.add_argument("--benchmarks", default="benchmarks",
+                        help="Snakemake's benchmark of each stage (the Snakefile's benchmark:, <dir>/<stage>.tsv): wall "
+                             "time and peak RSS in the budget table, when present and current")
     parser.add_argument("--out", required=True, help="folder of PNG plots to write (reports/report)")
     parser.add_argument("--md", required=True, help="markdown report to write (reports/report.md)")
     parser.add_argument("--metrics", required=True, help="flat metrics JSON to write (reports/metrics/report.json)")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from snakemake.io import is_flagged
 from snakemake.api import SnakemakeApi
 from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 
@@ -19,7 +20,11 @@ with SnakemakeApi(OutputSettings(quiet=None)) as api:
                             snakefile=Path(sys.argv[1]), workdir=Path(sys.argv[2]))
     rules = {}
     for rule in workflow._workflow.rules:
-        params = {name: rule.params[i] for name, (i, _) in rule.params._names.items()}
+        # a param computed per job (a function of its wildcards and outputs) has no value before the job
+        params = {name: "<function>" if callable(rule.params[i]) else rule.params[i]
+                  for name, (i, _) in rule.params._names.items()}
         rules[rule.name] = {"input": [str(f) for f in rule.input], "output": [str(f) for f in rule.output],
-                            "params": params, "shell": rule.shellcmd, "checkpoint": rule.is_checkpoint}
+                            "params": params, "shell": rule.shellcmd, "checkpoint": rule.is_checkpoint,
+                            "log": [str(f) for f in rule.log], "benchmark": str(rule.benchmark) if rule.benchmark else None,
+                            "conda": rule.conda_env, "report": [str(f) for f in rule.output if is_flagged(f, "report")]}
 print(json.dumps(rules))

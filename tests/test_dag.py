@@ -15,6 +15,11 @@ from workflow import dag, workspace
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def logged(command: str) -> str:
+    """A rule's shell: the command, its output tee'd to the job's log (the Snakefile's _logged)."""
+    return f"export PYTHONUNBUFFERED=1; ( {command} ) 2>&1 | tee {{log}}"
+
+
 def snakemake_rules(workdir: Path, *config: str) -> dict:
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "snakemake_rules.py"), str(ROOT / "Snakefile"), str(workdir),
                           *config], capture_output=True, text=True, check=True)
@@ -48,7 +53,11 @@ def test_snakemake_rules_agree_with_dvc_index(where, ci_workspace):
     params = dag.load_params(workdir)
     for name, stage in stages.items():
         rule = rules[name]
-        assert rule["params"]["cmd"] == stage["cmd"] and rule["shell"] == "{params.cmd}"
+        assert rule["params"]["cmd"] == stage["cmd"] and rule["shell"] == logged("{params.cmd}")
+        # Snakemake's conventions: a log and a benchmark per job, outside DVC's outputs; one software environment
+        assert rule["log"] == [f"logs/{name}.log"] and rule["benchmark"] == f"benchmarks/{name}.tsv"
+        assert not {"logs", "benchmarks"} & {Path(p).parts[0] for p in stage["outs"] + stage["deps"]}
+        assert rule["conda"] == "workflow/envs/daychat.yaml"
         assert rule["input"] == stage["deps"]
         assert sorted(rule["output"]) == sorted(stage["outs"])  # outs + metrics + plots on both sides
         # declared params ride along as rule params with their current values
@@ -57,6 +66,10 @@ def test_snakemake_rules_agree_with_dvc_index(where, ci_workspace):
     on_demand = {s.name for s in dag.load_stages(workdir) if s.on_demand}
     assert sorted(rules["all"]["input"]) == sorted(o for n, s in stages.items() if n not in on_demand for o in s["outs"])
     assert not any(rule["checkpoint"] for rule in rules.values())  # per-shard mode is opt-in
+    # what `snakemake --report` shows: the report stage's plots and page, and every stage's metrics file
+    metrics = [m for s in dag.load_stages(workdir) for m in s.metrics]
+    assert sorted(f for rule in rules.values() for f in rule["report"]) == sorted(
+        ["reports/report", "reports/report.md", *metrics])
 
 
 def test_per_shard_mode_adds_a_shard_rule_and_a_checkpoint():
@@ -74,9 +87,11 @@ def test_per_shard_mode_adds_a_shard_rule_and_a_checkpoint():
     for stage in sharded:
         shard, gather = rules[f"{stage.name}_shard"], rules[stage.name]
         assert shard["params"]["cmd"] == gather["params"]["cmd"] == stage.cmd  # the stage's command, plus flags
-        assert shard["shell"] == "{params.cmd} --shard {wildcards.shard} --parts {params.parts}"
-        assert shard["params"]["parts"] == f".cache/shards/{stage.name}"
-        assert gather["shell"] == f"{{params.cmd}} --gather --parts .cache/shards/{stage.name}"
+        assert shard["shell"] == logged("{params.cmd} --shard {wildcards.shard} --parts {params.parts}")
+        assert shard["params"]["parts"] == "<function>"  # the folder of the job's output: .cache/shards/<stage>
+        assert gather["shell"] == logged(f"{{params.cmd}} --gather --parts .cache/shards/{stage.name}")
+        assert shard["log"] == [f"logs/{stage.name}_shard/{{shard,[A-Za-z0-9_.\\-]+}}.log"]
+        assert shard["benchmark"] == f"benchmarks/{stage.name}_shard/{{shard,[A-Za-z0-9_.\\-]+}}.tsv"
         # [-1]: the parts, via the checkpoint; a stage that lists its own shards also reads its list
         assert shard["input"] == gather["input"][:-1] == stage.deps + [stage.shard_list] * stage.lists_shards
         assert shard["output"] == [f".cache/shards/{stage.name}/{{shard,[A-Za-z0-9_.\\-]+}}"]
@@ -91,10 +106,11 @@ def test_a_stage_that_lists_its_own_shards_gets_a_list_checkpoint():
     listing = rules["download_list"]
     assert listing["checkpoint"] and listing["input"] == stage.deps  # no network, no upstream data: params and code
     assert listing["output"] == [".cache/shards/download/shards.json"] == [stage.shard_list]
-    assert listing["shell"] == "{params.cmd} --list --parts {params.parts}"
-    assert listing["params"]["cmd"] == stage.cmd and listing["params"]["parts"] == ".cache/shards/download"
+    assert listing["shell"] == logged("{params.cmd} --list --parts {params.parts}")
+    assert listing["params"]["cmd"] == stage.cmd and listing["params"]["parts"] == "<function>"
     assert listing["params"]["download"] == rules["download_shard"]["params"]["download"]  # a params edit relists
-    assert rules["download"]["shell"] == "{params.cmd} --gather --parts .cache/shards/download"
+    assert rules["download"]["shell"] == logged("{params.cmd} --gather --parts .cache/shards/download")
+    assert listing["log"] == ["logs/download_list.log"] and listing["benchmark"] == "benchmarks/download_list.tsv"
     # per_shard off: none of it (test_snakemake_rules_agree_with_dvc_index checks the rules are the plain ones)
     assert not {"download_list", "download_shard"} & set(snakemake_rules(ROOT))
 
@@ -190,3 +206,13 @@ def test_planning_stages_are_on_demand_and_addressed_by_file():
     assert stages["probe"].address == "planning/dvc.yaml:probe" and stages["pretrain"].address == "pretrain"
     root_only = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert "probe" not in root_only and "plan" not in root_only  # plain `dvc repro` never runs them
+
+
+@pytest.mark.parametrize("per_shard", ["false", "true"])
+def test_snakemake_lint_is_clean(per_shard, ci_workspace):
+    # Snakemake's own conventions (a log and a software environment per rule, no hard-coded output prefixes...),
+    # as a person runs it from a workspace; exit status 1 and a list of lints otherwise
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--config", f"per_shard={per_shard}"],
+                            cwd=ci_workspace, capture_output=True, text=True, env=workspace.tool_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr

@@ -80,6 +80,12 @@ def test_snakemake_runs_the_dag_and_dvc_agrees(ws):
         assert metrics and all(not isinstance(v, (dict, list)) for v in metrics.values())
     assert json.loads((ws / "reports/metrics/tokenizer.json").read_text())["vocab_size"] == 512
     assert_dvc_clean(ws)  # the Snakefile's onsuccess committed what it ran into dvc.lock
+    for stage in all_stages:  # each job's own output in its log, Snakemake's measure of it in its benchmark
+        assert f"[{stage}] done in " in (ws / f"logs/{stage}.log").read_text()
+        header, row = (ws / f"benchmarks/{stage}.tsv").read_text().splitlines()[:2]
+        measured = dict(zip(header.split("\t"), row.split("\t")))
+        assert float(measured["s"]) > 0 and float(measured["max_rss"]) > 0, (stage, measured)
+    assert "| job time | peak RSS |" in (ws / "reports/report.md").read_text()  # the report's budget reads them
 
 
 def test_second_snakemake_run_does_nothing(ws):
@@ -87,6 +93,48 @@ def test_second_snakemake_run_does_nothing(ws):
     out = snakemake(ws, "all")
     assert "Nothing to be done" in out
     assert ran(before, stamps(ws)) == set()
+    assert_dvc_clean(ws)
+
+
+def test_snakemakes_html_report_shows_the_plots_in_a_browser(ws, tmp_path):
+    before = stamps(ws)
+    page = tmp_path / "report.html"
+    snakemake(ws, "--report", str(page))
+    assert ran(before, stamps(ws)) == set()  # a report runs nothing
+    html = page.read_text()
+    plots = sorted(p.name for p in (ws / "reports/report").glob("*.png"))
+    assert len(plots) >= 5 and html.count("data:image/png;") == len(plots)  # self-contained: every plot inside
+    assert all(f"reports/metrics/{s.metrics[0].split('/')[-1]}" in html for s in dag.load_stages(ws) if not s.on_demand)
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium, driver = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+    assert chromium.exists() and driver.exists(), "needs Debian's chromium and chromium-driver (.ci/run installs them)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(chromium)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(str(driver)), options=options)
+    try:
+        browser.get(page.as_uri())
+        wait = WebDriverWait(browser, 20, poll_frequency=0.05)
+        # the report's own app: Results > Plots lists the report stage's PNGs; the eye button shows one
+        wait.until(lambda d: d.find_elements(By.XPATH, "//span[normalize-space(text())='Plots']"))[0].click()
+        for name in plots:
+            row = wait.until(lambda d: d.find_elements(By.XPATH, f"//td[normalize-space(text())='reports/report/{name}']"))[0]
+            row.find_element(By.XPATH, "..//a[@iconname='eye']").click()
+
+            def shown(d):  # decoded and laid out: a real image, not a broken icon
+                return [i for i in d.find_elements(By.CSS_SELECTOR, f"img[src*='filename={name};']")
+                        if i.is_displayed() and d.execute_script("return arguments[0].naturalWidth", i) > 300]
+            assert wait.until(shown)[0].size["width"] > 300, name
+    finally:
+        browser.quit()
+    assert "Nothing to be done" in snakemake(ws, "--dry-run", "all")
     assert_dvc_clean(ws)
 
 

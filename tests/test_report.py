@@ -125,7 +125,7 @@ def test_filter_ablation_reads_the_harness_list_of_runs(tmp_path):
     the filter variants, paired on the seeds every variant has, by heldout_bpb when all runs report it."""
     runs = [{"variant": v, "seed": seed, "scale": "d4x128", "budget": "short",
              "metrics": {"val_bpb": 9.0, "heldout_bpb": base + 0.01 * seed}}
-            for v, base in (("dedup_only", 2.2), ("heuristics", 2.1)) for seed in (0, 1, 2)]
+            for v, base in (("dedup-only", 2.2), ("heuristics", 2.1)) for seed in (0, 1, 2)]  # the harness's '-' names
     runs += [{"variant": "heuristics", "seed": 3, "scale": "d4x128", "budget": "short", "metrics": {"heldout_bpb": 0.0}},
              {"variant": "dedup_only", "seed": 0, "scale": "d4x128", "budget": "long", "metrics": {"heldout_bpb": 0.0}},
              {"variant": "baseline", "seed": 0, "scale": "d4x128", "budget": "short", "metrics": {"heldout_bpb": 0.0}}]
@@ -270,3 +270,26 @@ def test_report_on_the_full_ci_workspace(ci_with_experiments):
         assert f"**{stage}**" not in missing
     for name in ("funnel", "training_steps", "training_time", "budget"):
         assert_png(ws / "reports" / "report" / f"{name}.png")
+
+
+def test_the_budget_shows_snakemakes_benchmarks_only_where_they_measured_the_run_on_disk(tmp_path):
+    import os
+
+    metrics, benchmarks = tmp_path / "metrics", tmp_path / "benchmarks"
+    for stage, data in DATA_METRICS.items():
+        write_json(metrics / f"{stage}.json", data)
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    benchmarks.mkdir()
+    (benchmarks / "download.tsv").write_text(header + "7.5\t0:00:07\t2048.5\t3000\t1900\t1950\t1\t2\t50\t3.1\n")
+    (benchmarks / "dedup.tsv").write_text(header + "\t".join(["NA"] * 10) + "\n")  # not measured (DVC ran it)
+    (benchmarks / "quality.tsv").write_text(header + "9.9\t0:00:09\t300.0\t1\t1\t1\t1\t1\t1\t1\n")
+    old = (metrics / "quality.json").stat().st_mtime - 60  # measured a run before the one on disk
+    os.utime(benchmarks / "quality.tsv", (old, old))
+    collected = collect(ReportInputs(metrics_dir=metrics, dvc_yaml=ROOT / "dvc.yaml", benchmarks=benchmarks))
+    assert collected.benchmarks == {"download": {"s": 7.5, "max_rss": 2048.5}}
+    md = tmp_path / "report.md"
+    render(collected, {}, ReportParams(), tmp_path / "report", md)
+    budget = md.read_text().split("## Time and compute budget")[1].split("##")[0]
+    assert "| stage | wall time | share of budget | FLOPs | job time | peak RSS |" in budget
+    assert "| download | 7.0 s | 0.01% | – | 7.5 s | 2.00 GiB |" in budget
+    assert "| dedup | 0.8 s | 0.00% | – | – | – |" in budget and "| quality | 10.2 s | 0.01% | – | – | – |" in budget

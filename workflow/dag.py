@@ -45,6 +45,15 @@ META_KEYS = {"shards"}  # what workflow/dag.py understands under a stage's `meta
 SELF = "self"  # `meta: {shards: self}`: the stage lists its own shards (`cmd --list --parts DIR`)
 SHARD_LIST = "shards.json"  # what `--list` writes in the parts folder
 PARTS_ROOT = ".cache/shards"  # per-shard parts, <root>/<stage>/<shard>/: scratch, neither git nor DVC tracks it
+# Snakemake's per-job log (the job's stdout and stderr, tee'd) and benchmark (wall time, peak RSS...) of every rule,
+# named by job: `pretrain`, `dedup_shard/shard_00003`, `download_list`. Neither git nor DVC tracks them (.gitignore,
+# .dvcignore; not in dvc.yaml); a DVC run writes neither. The report stage reads the benchmarks (daychat/report.py).
+LOGS, BENCHMARKS = "logs", "benchmarks"
+# What `snakemake --report report.html` shows (the outputs marked with report() in the Snakefile): the report stage's
+# plots and page, and every stage's metrics file. Captions: workflow/report/*.rst.
+REPORT_PLOTS = ("reports/report", "plots.rst", "Plots")  # a folder of PNGs (daychat/report.py)
+REPORT_PAGE = ("reports/report.md", "page.rst", "Report")  # the markdown page: tables, samples, provenance header
+REPORT_METRICS = ("metrics.rst", "Metrics")  # each stage's flat metrics file, one subcategory per stage
 _INTERP = re.compile(r"\$\{\s*([A-Za-z0-9_.\-]+)\s*\}")
 
 
@@ -87,6 +96,13 @@ class Stage:
     def shard_list(self) -> str:
         """The file the stage's `--list` job writes (only for a stage that lists its own shards)."""
         return f"{self.parts}/{SHARD_LIST}"
+
+    def log(self, job: str | None = None) -> str:
+        """The log of this stage's rule, or of one of its per-shard rules (`job`: `dedup_shard`...)."""
+        return f"{LOGS}/{job or self.name}.log"
+
+    def benchmark(self, job: str | None = None) -> str:
+        return f"{BENCHMARKS}/{job or self.name}.tsv"
 
     @property
     def per_shard_rules(self) -> list[str]:

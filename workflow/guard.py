@@ -25,6 +25,13 @@ command recovers after a kill, a reboot or a power cut, and two runs never share
    type). Stages DVC finds out of date are left to run.
    What Snakemake finished but a kill kept from committing to dvc.lock (the stages note it in a journal,
    `.snakemake/daychat/finished`) is committed first, so DVC agrees too.
+   Snakemake's benchmarks (`benchmark:`, benchmarks/<stage>.tsv) are outputs to it as well: a missing one
+   reruns a stage named as a target (`snakemake pretrain`), and one older than its stage's outputs dates
+   them back, rerunning what reads them. So, before Snakemake plans: a stage whose outputs exist but whose
+   benchmark is missing, or older than its metrics file (the stage ran since, under DVC), gets a benchmark
+   row of "NA" (not measured; Snakemake writes NA for what it could not measure), and after the adoption's
+   touch the adopted stages' benchmarks are dated with it. A benchmark thus always describes the outputs
+   that exist, or says it does not know.
 5. params.yaml, all of it, is validated (daychat.params.validate_all, model shapes included) before any
    job runs: a bad value stops the run in one line naming the key, before Snakemake deletes outputs.
    The verdict is remembered for the same params.yaml and code, so a no-op rerun pays nothing.
@@ -59,6 +66,9 @@ JOURNAL = "finished"
 JOURNAL_ENV = "DAYCHAT_JOURNAL"  # = daychat.cli.JOURNAL_ENV
 STATE = ".snakemake/daychat"  # our notes beside Snakemake's records: what it last saw
 NESTED = "DAYCHAT_SNAKEMAKE_NESTED"  # set for the adoption's own snakemake --touch
+# Snakemake's benchmark columns (snakemake/benchmark.py, BenchmarkRecord.get_header): the NA row of a stage that ran
+# without Snakemake measuring it has them all.
+BENCHMARK_HEADER = ["s", "h:m:s", "max_rss", "max_vms", "max_uss", "max_pss", "io_in", "io_out", "mean_load", "cpu_time"]
 # DVC tries its lock 7 times over 3 s before giving up (dvc/lock.py); the same patience here, so that two
 # commands started together do not fail on each other's few-millisecond holds.
 LOCK_TRIES, LOCK_DELAY = 7, 0.5
@@ -121,6 +131,7 @@ def start(root: str | os.PathLike, *, dry_run: bool, snakefile: str, stages: lis
         clear_stale_snakemake_locks(root, say)
         validate_params(root)
         commit_journal(guard, stages, say)
+        settle_benchmarks(root, stages)
         adopt(guard, snakefile=snakefile, stages=stages, per_shard=per_shard, say=say)
     except BaseException:
         guard.release()
@@ -288,9 +299,32 @@ def _adopt(root: Path, *, snakefile: str, stages: list, per_shard: bool, say) ->
         if touched.returncode != 0:
             say(f"[daychat] note: could not adopt what DVC ran ({_last(touched)}); Snakemake decides alone")
             return
+        now = time.time()
+        for stage in done:  # newer than the outputs the touch just dated (see settle_benchmarks)
+            if (root / stage.benchmark()).is_file():
+                os.utime(root / stage.benchmark(), (now, now))
         if "Nothing to be done" not in touched.stdout + touched.stderr:
             say(f"[daychat] up to date for DVC, so for Snakemake too: {', '.join(s.name for s in done)}")
     _write_state(root, DVC_STATE, dvc_state(root))  # after our own `dvc status`, which rewrote the rwlock
+
+
+def settle_benchmarks(root: Path, stages: list) -> list[str]:
+    """Give every stage whose outputs exist a benchmark that is not older than them (step 4): a row of NA where
+    Snakemake did not measure the run that made them. Returns the stages given one."""
+    settled = []
+    for stage in stages:
+        outputs = [root / out for out in stage.outputs]
+        if not outputs or not all(out.exists() for out in outputs):
+            continue  # never ran, or not whole: Snakemake runs it and writes the benchmark
+        bench, metrics = root / stage.benchmark(), root / (stage.metrics or stage.outputs)[0]
+        if bench.is_file() and bench.stat().st_mtime >= metrics.stat().st_mtime:
+            continue
+        bench.parent.mkdir(parents=True, exist_ok=True)
+        tmp = bench.with_name(f".{bench.name}.{os.getpid()}.tmp")
+        tmp.write_text("\t".join(BENCHMARK_HEADER) + "\n" + "\t".join(["NA"] * len(BENCHMARK_HEADER)) + "\n")
+        os.replace(tmp, bench)
+        settled.append(stage.name)
+    return settled
 
 
 def _read_bytes(path: Path) -> bytes:

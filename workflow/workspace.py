@@ -36,8 +36,9 @@ from workflow import dag
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "workflow" / "recipes"
 CODE_LINKS = ("stages", "daychat", "workflow", "Snakefile", "profiles")  # code deps, commands, the engine and its default profile
-GITIGNORE = ".snakemake/\n.cache/\n.snakemake_timestamp\n"
-DVCIGNORE = ".snakemake/\n.cache/\n.snakemake_timestamp\n"
+# logs/ and benchmarks/: Snakemake's per-job logs and benchmarks (the Snakefile's log: and benchmark:), not DVC's
+GITIGNORE = ".snakemake/\n.cache/\n.snakemake_timestamp\nlogs/\nbenchmarks/\n"
+DVCIGNORE = ".snakemake/\n.cache/\n.snakemake_timestamp\nlogs/\nbenchmarks/\n"
 
 
 def recipe_path(recipe: str) -> Path:

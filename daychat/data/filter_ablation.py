@@ -19,7 +19,7 @@ What the harness must do with them (issue 17's `make ablate`): train each varian
 token budget (variants that keep less text repeat it more), and score every model on the same text that
 no variant trained on: EVAL_TEXT below, never a variant's own validation split (the filters change it).
 
-The results file (JSON, `reports/ablate.json` by default; `make ablate` writes it):
+The results file (JSON; `make ablate-filters` writes the harness's list of runs, reports/ablate-filters/results.json):
 
     {"metric": "eval_bpb", "lower_is_better": true,
      "variants": {"dedup_only": {"values": [1.91, 1.92, 1.90]}, "heuristics": {"values": [...]}, ...}}
@@ -69,7 +69,7 @@ FILTER_OF_REASON = "language ID + heuristics"  # every other reason: language ID
 EVAL_TEXT = ("../shared/data/corpus/gutenberg/shard_00007.parquet",
              "../shared/data/eval_bundle/eval_data/language_understanding/lambada_openai.jsonl")
 
-DEFAULT_RESULTS = "reports/ablate.json"
+DEFAULT_RESULTS = "reports/ablate-filters/results.json"
 HELDOUT_METRIC = "heldout_bpb"  # the pretrain metric on a fixed held-out text (pretrain.eval_text, issue 17)
 
 
@@ -115,7 +115,9 @@ def read_results(path: str | Path | None) -> dict | None:
 
 def _from_runs(runs: list) -> dict | None:
     """The format above from a list of run records (see the module docstring)."""
-    runs = [r for r in runs if isinstance(r, dict) and r.get("variant") in VARIANTS and isinstance(r.get("metrics"), dict)
+    # The harness names variants with '-' (they become git refs): heuristics-classifier is heuristics_classifier.
+    runs = [{**r, "variant": str(r.get("variant", "")).replace("-", "_")} for r in runs if isinstance(r, dict)]
+    runs = [r for r in runs if r["variant"] in VARIANTS and isinstance(r.get("metrics"), dict)
             and r.get("budget", "short") == "short"]
     by_scale: dict[Any, list[dict]] = {}
     for r in runs:

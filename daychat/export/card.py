@@ -96,14 +96,15 @@ def render(*, name: str, config, counts: dict[str, int], meta: dict, metrics: di
             ("attention", windows), ("context", f"{config.sequence_len} tokens"),
             ("vocabulary", f"{config.vocab_size:,} ({len(tokenizer.special_tokens)} special tokens)"),
             ("design", "rotary positions, QK-norm, parameter-free RMSNorm, ReLU² MLP, untied embeddings, "
-                       f"logit soft-cap {config.softcap:g}, value embeddings, per-layer residual scalars"),
+                       f"logit soft-cap {config.softcap:g}, value embeddings, per-layer residual scalars"
+                       + (", smear (previous-token embedding gate)" if getattr(config, "smear", False) else "")
+                       + (", backout (mid-depth residual subtracted before the head)" if getattr(config, "backout", False) else "")),
         ]),
         "## Training",
         "",
         *_table([
             ("pretraining tokens", _num(pre.get("tokens"))),
             ("pretraining compute", f"{pre['flops']:.3g} FLOPs" if isinstance(pre.get("flops"), (int, float)) else None),
-            ("pretraining time", f"{pre['wall_s'] / 3600:.2f} h" if isinstance(pre.get("wall_s"), (int, float)) else None),
             ("validation bits per byte", _num(pre.get("val_bpb"))),
             ("SFT conversations", _num(sft.get("conversations"))),
             ("SFT validation loss", _num(sft.get("val_loss"))),
