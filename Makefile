@@ -7,7 +7,7 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 CORES      ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup setup-cluster demo test bench faults plan sweep ablate ablate-filters chat serve clean-demo rehearse gpu-check
+.PHONY: setup setup-cluster demo test bench faults plan sweep ablate ablate-filters chat serve clean-demo rehearse gpu-check schema
 
 setup: $(VENV)/.daychat-installed
 
@@ -29,6 +29,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The JSON Schema of params.yaml, from the section declarations in daychat/sections.py (tests/test_params.py
+# fails while the committed file is stale).
+schema: setup
+	$(PY) -m daychat.params --schema > workflow/schemas/params.schema.json.tmp
+	mv workflow/schemas/params.schema.json.tmp workflow/schemas/params.schema.json
 
 bench: setup
 	$(PY) -m bench.data

@@ -32,6 +32,11 @@ try:
     _PARAMS = _dag.load_params(".")
 except _dag.DagError as e:
     _fail(e)
+_schema = _module("schema")  # params.yaml against workflow/schemas/params.schema.json, before anything runs
+try:
+    _schema.check("params.yaml", os.path.join(workflow.basedir, "workflow", "schemas", "params.schema.json"))
+except _schema.SchemaError as e:
+    _fail(e)
 
 
 def _output(stage, path):

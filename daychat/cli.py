@@ -25,14 +25,11 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
-
-from tqdm import tqdm
+from typing import Callable
 
 from daychat.errors import UserError
 from daychat.io import disk_full, disk_full_message
-
-T = TypeVar("T")
+from daychat.progress import progress, status  # noqa: F401  (the stages take them from here)
 
 
 def run(main: Callable[[], object], name: str) -> None:
@@ -150,18 +147,6 @@ def _lock(path: Path, job: str) -> None:
     os.set_inheritable(fd, True)  # kept across the exec into torchrun (daychat.train.distributed.relaunch)
     _held.append(fd)
     os.environ[LOCK_ENV] = str(path)
-
-
-def status(name: str, message: str) -> None:
-    """One compact line a person can follow in a long log: `[stage] message`."""
-    print(f"[{name}] {message}", flush=True)
-
-
-def progress(iterable: Iterable[T] | None = None, *, total: float | None = None, desc: str = "",
-             unit: str = "it", unit_scale: bool = False) -> tqdm:
-    """A progress bar with rate and ETA on stderr; refreshes at most every half second in logs."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,
-                mininterval=0.5, dynamic_ncols=True, file=sys.stderr, leave=True)
 
 
 def parse_args_with_parts(parser: argparse.ArgumentParser, *, shard: str, gather: str,

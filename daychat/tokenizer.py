@@ -33,6 +33,7 @@ import tiktoken
 from daychat.data.textshards import iter_text_batches
 from daychat.errors import UserError
 from daychat.io import atomic_path, sha256_file, write_json
+from daychat.sections import ParamsError, TokenizerParams
 
 # Document and chat special tokens. Their ids follow the BPE ranks, in this order.
 SPECIAL_TOKENS = [
@@ -58,6 +59,16 @@ FORMAT = "daychat.tokenizer/1"
 TIKTOKEN_FILE = "tokenizer.tiktoken"
 INFO_FILE = "tokenizer.json"
 BYTE_TOKENS = 256  # rustbpe starts from the 256 single bytes and panics if asked for fewer
+
+
+def check_params(p: TokenizerParams) -> None:
+    """The tokenizer section's rule that needs this module (run by daychat.params when it reads the section):
+    room for the byte tokens and the special tokens. rustbpe panics (an uncatchable Rust abort) below 256
+    merge slots, so it is refused before any stage starts."""
+    floor = BYTE_TOKENS + len(SPECIAL_TOKENS)
+    if p.vocab_size < floor:
+        raise ParamsError("tokenizer.vocab_size", f"must be >= {floor} ({BYTE_TOKENS} byte tokens + "
+                                                  f"{len(SPECIAL_TOKENS)} special tokens), got {p.vocab_size}")
 
 
 def split_pattern(pattern: str) -> str:

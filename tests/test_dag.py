@@ -169,7 +169,11 @@ def test_dvc_yaml_conventions():
 def test_workspace_is_a_faithful_copy(ci_workspace):
     assert (ci_workspace / "dvc.yaml").read_bytes() == (ROOT / "dvc.yaml").read_bytes()
     assert (ci_workspace / dag.PLANNING_FILE).read_bytes() == (ROOT / dag.PLANNING_FILE).read_bytes()
-    assert (ci_workspace / "params.yaml").read_bytes() == (ROOT / "workflow/recipes/ci.yaml").read_bytes()
+    # the recipe, its first line naming the schema from the workspace (through its `workflow` link)
+    first, rest = (ci_workspace / "params.yaml").read_text().split("\n", 1)
+    assert rest == (ROOT / "workflow/recipes/ci.yaml").read_text().split("\n", 1)[1]
+    schema = ci_workspace / first.removeprefix("# yaml-language-server: $schema=")
+    assert schema.resolve() == (ROOT / "workflow/schemas/params.schema.json").resolve()
     for name in workspace.CODE_LINKS:
         assert (ci_workspace / name).resolve() == ROOT / name
     before = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ci_workspace, capture_output=True, text=True).stdout

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from daychat.params import SCHEMA_FILE, with_schema_line
 from workflow import dag
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,9 @@ def sync(recipe: str, workspace: str | Path | None = None, code_root: str | Path
     src = recipe_path(recipe)
     ws = Path(workspace) if workspace else ROOT / "runs" / src.stem
     ws.mkdir(parents=True, exist_ok=True)
-    changed = _copy_if_changed(src, ws / "params.yaml")
+    # The recipe's first line names the schema from workflow/recipes/; the workspace's own `workflow` link
+    # makes the root's path resolve from runs/<name>/ as from the project root.
+    changed = _write_if_changed(ws / "params.yaml", with_schema_line(src.read_text(), SCHEMA_FILE))
     changed |= _copy_if_changed(ROOT / "dvc.yaml", ws / "dvc.yaml")
     (ws / "planning").mkdir(exist_ok=True)
     changed |= _copy_if_changed(ROOT / dag.PLANNING_FILE, ws / dag.PLANNING_FILE)

@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
-from daychat.cli import progress
+from daychat.progress import progress
 from daychat.data.parts import PART, corrupt, find_shard, read_part
 from daychat.data.textshards import (MANIFEST, ShardInfo, ShardWriter, iter_text_batches, read_manifest,
                                      shard_paths, write_manifest)

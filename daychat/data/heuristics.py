@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from daychat.params import QualityParams
+from daychat.sections import QualityParams
 
 # Names usable in `quality.heuristics`, in the order they run (cheap first); each is also its drop reason,
 # except "length", which drops as too_short or too_long.

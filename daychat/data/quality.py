@@ -74,14 +74,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
-from daychat.cli import progress, status
+from daychat.progress import progress, status
 from daychat.data import sources
-from daychat.data.heuristics import REASONS, Drop, Heuristics, Words
+from daychat.data.heuristics import HEURISTICS, REASONS, STATISTICS, Drop, Heuristics, Words
 from daychat.data.parts import PART, corrupt, find_shard, read_part
 from daychat.data.textshards import MANIFEST, SCHEMA, ShardInfo, ShardWriter, read_manifest, write_manifest
 from daychat.errors import UserError
 from daychat.io import link_or_copy, sha256_file, write_json
-from daychat.params import DownloadParams, ParamsError, QualityParams
+from daychat.sections import DownloadParams, ParamsError, QualityParams
 
 # Every drop reason (a metric `dropped_<reason>` each), in the order the filters run.
 ALL_REASONS = (*REASONS[:3], "language", *REASONS[3:], "classifier")
@@ -337,6 +337,20 @@ class Source:
     location: str = ""  # embedded part, path or glob, URL
     fields: tuple[str, ...] = ("text",)  # joined with a blank line
     inner: Source | None = None  # shuffled: what is shuffled
+
+
+def check_params(p: QualityParams) -> None:
+    """The quality section's rules that need this domain (run by daychat.params when it reads the section):
+    the filters and statistics it names exist, and its classifier sources parse."""
+    unknown = [name for name in p.heuristics if name not in HEURISTICS]
+    if unknown:
+        raise ParamsError("quality.heuristics", f"has unknown filters {unknown} (known: {', '.join(HEURISTICS)})")
+    unknown = [name for name in p.score_weights if name not in STATISTICS]
+    if unknown:
+        raise ParamsError("quality.score_weights", f"has unknown statistics {unknown} (known: {', '.join(STATISTICS)})")
+    for key in ("classifier_positives", "classifier_negatives"):
+        for i, spec in enumerate(getattr(p, key)):
+            parse_source(spec, f"quality.{key}[{i}]")
 
 
 def parse_source(spec: str, key: str = "quality.classifier_positives") -> Source:

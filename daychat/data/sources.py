@@ -54,12 +54,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from daychat.cli import progress
+from daychat.progress import progress
 from daychat.data.parts import PART, corrupt, find_shard, read_part
 from daychat.data.textshards import ROW_GROUP_DOCS, SCHEMA, ShardInfo, ShardWriter, verify_parquet
 from daychat.errors import UserError
 from daychat.io import link_or_copy, sha256_file, write_json
-from daychat.params import DownloadParams, ParamsError
+from daychat.sections import DownloadParams, ParamsError
 
 
 @dataclass(frozen=True)

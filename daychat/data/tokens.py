@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from daychat.cli import progress
+from daychat.progress import progress
 from daychat.data.parts import PART, corrupt, find_shard, read_part
 from daychat.data.textshards import (
     MANIFEST,

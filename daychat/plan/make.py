@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import yaml
 
 from daychat.errors import UserError
 from daychat.io import write_metrics, write_text
-from daychat.params import parse_section, read_params
+from daychat.params import SCHEMA_FILE, parse_section, read_params, with_schema_line
 from daychat.plan.cards import get_card
 from daychat.plan.planner import Plan, PlanInputs, load_probe, make_plan
 from daychat.plan.render import plan_markdown, recipe_text
@@ -58,6 +59,8 @@ def write_plan(plan: Plan, params_path: Path, recipe: Path | None = None, report
     """Write the recipe (validated section by section before it is written), the report and the metrics."""
     if recipe:
         text = recipe_text(params_path.read_text(encoding="utf-8"), plan, recipe.stem)
+        schema = os.path.relpath(params_path.absolute().parent / SCHEMA_FILE, recipe.absolute().parent)
+        text = with_schema_line(text, Path(schema).as_posix())
         for name, values in yaml.safe_load(text).items():
             parse_section(name, values, recipe.name)
         write_text(recipe, text)

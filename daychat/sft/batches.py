@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from daychat.chat.format import ConversationError, render
-from daychat.cli import progress
+from daychat.progress import progress
 from daychat.data.staging import PinnedStaging
 from daychat.errors import UserError
 from daychat.eval.scoring import DEFAULT_CHUNK_ROWS, losses_at

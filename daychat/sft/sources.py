@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator
 
 from daychat.chat.format import Conversation, ConversationError
 from daychat.errors import UserError
+from daychat.sections import ParamsError
 from daychat.sft import synthetic
 
 KINDS = ("local", "url", "synthetic")
@@ -164,9 +165,8 @@ FORMATS: dict[str, Callable[[dict], Conversation]] = {
 
 
 def parse_sources(entries: list, key: str = "sft.sources") -> list[SourceSpec]:
-    """Checked SourceSpecs; any mistake is a ParamsError naming the entry's key, e.g. sft.sources[1].path."""
-    from daychat.params import ParamsError
-
+    """Checked SourceSpecs; any mistake is a ParamsError naming the entry's key, e.g. sft.sources[1].path.
+    daychat.params runs it on `sft.sources` when it reads the section."""
     if not isinstance(entries, list) or not entries:
         raise ParamsError(key, "must list at least one source ({name, kind, format, ...})")
     specs, names = [], set()
@@ -199,7 +199,7 @@ def parse_sources(entries: list, key: str = "sft.sources") -> list[SourceSpec]:
         if kind == "synthetic" and conversations < 1:
             raise ParamsError(f"{at}.conversations", "must be >= 1 for a synthetic source (how many to generate)")
         epochs = entry.get("epochs", 1.0)
-        if isinstance(epochs, str):  # PyYAML leaves 1e-1 as a string (see daychat.params)
+        if isinstance(epochs, str):  # PyYAML leaves 1e-1 as a string (see daychat.sections)
             try:
                 epochs = float(epochs)
             except ValueError:

@@ -84,7 +84,7 @@ def setup(section: str, gpus: int, device_choice: str, script: str) -> Distribut
 
     device_choice is the section's `device`: cpu with gpus > 1 runs gloo processes on the CPU, slower than
     one process, for tests only."""
-    from daychat.cli import status
+    from daychat.progress import status
     from daychat.errors import UserError
 
     if gpus == 1:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from daychat.cli import status
+from daychat.progress import status
 from daychat.errors import UserError
 from daychat.optim import set_lr_multiplier, set_muon_momentum, set_weight_decay_multiplier
 from daychat.train.checkpoint import Checkpointer, load_error, rng_state, set_rng_state

@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from daychat.sections import ParamsError
+
 HorizonKind = Literal["tokens", "time"]
 
 
@@ -153,8 +155,6 @@ class BatchPlan:
 def plan_batch(total_batch: int, device_batch: int, seq_lens: list[int], section: str = "pretrain") -> BatchPlan:
     """A checked BatchPlan; a total that does not split into whole micro-batches is a ParamsError naming
     `<section>.total_batch`, `.device_batch` and `.seq_len`."""
-    from daychat.params import ParamsError
-
     max_seq_len = max(seq_lens)
     plan = BatchPlan(total_batch, device_batch, max_seq_len)
     for seq_len in seq_lens:
@@ -169,6 +169,18 @@ def plan_batch(total_batch: int, device_batch: int, seq_lens: list[int], section
                           f"{section}.seq_len = {device_batch} x {max_seq_len} = {plan.micro_tokens:,} tokens per "
                           f"micro-batch; use e.g. {options}")
     return plan
+
+
+def check_batch(section: str, total_batch: int, device_batch: int, seq_lens: list[int], gpus: int) -> None:
+    """The batch keys of a pretrain or sft params section (run by daychat.params when it reads the section):
+    the micro-batches must split the total (`plan_batch`), and the GPUs must share them evenly."""
+    plan_batch(total_batch, device_batch, seq_lens, section)
+    per_rank = device_batch * max(seq_lens)
+    if total_batch % (gpus * per_rank):
+        longest = "longest seq_len" if section == "pretrain" else "seq_len"
+        raise ParamsError(f"{section}.gpus", f"({gpus}) must divide the micro-batches of a step: total_batch "
+                                             f"{total_batch:,} / (device_batch x {longest} = {per_rank:,}) "
+                                             f"= {total_batch // per_rank}; change {section}.gpus or total_batch")
 
 
 def schedule_from_params(p, scaling_params: int) -> Schedule:
