@@ -460,10 +460,15 @@ class CoreEvalParams:
     timeout_s: float = knob(60.0, min=1.0)
 
     def check(self) -> None:
-        if self.source == "local" and not self.path:
-            raise ParamsError("core_eval.path", "must name the bundle folder when core_eval.source is local")
-        if self.source == "url" and not self.url.startswith(("http://", "https://", "file://")):
-            raise ParamsError("core_eval.url", f"must be an http(s):// or file:// URL, got {self.url!r}")
+        _check_source(self, "core_eval", "the bundle folder")
+
+
+def _check_source(p, section: str, folder: str) -> None:
+    """An eval section's `source` with what it needs: a `path` (local) or an http(s)/file URL (url)."""
+    if p.source == "local" and not p.path:
+        raise ParamsError(f"{section}.path", f"must name {folder} when {section}.source is local")
+    if p.source == "url" and not p.url.startswith(("http://", "https://", "file://")):
+        raise ParamsError(f"{section}.url", f"must be an http(s):// or file:// URL, got {p.url!r}")
 
 
 @section
@@ -499,10 +504,7 @@ class ChatEvalParams:
         for i, name in enumerate(self.tasks):
             if name not in known or name in self.tasks[:i]:
                 raise ParamsError(f"chat_eval.tasks[{i}]", f"must be one of {', '.join(known)}, once, got {name!r}")
-        if self.source == "local" and not self.path:
-            raise ParamsError("chat_eval.path", "must name the data folder when chat_eval.source is local")
-        if self.source == "url" and not self.url.startswith(("http://", "https://", "file://")):
-            raise ParamsError("chat_eval.url", f"must be an http(s):// or file:// URL, got {self.url!r}")
+        _check_source(self, "chat_eval", "the data folder")
 
 
 @section

@@ -91,13 +91,19 @@ class Worker:
                 self.running = None
                 self.served += 1
 
-    def _generate(self, job: Job) -> str:
+    def _stopped(self, job: Job) -> str | None:
+        """"cancelled" or "timeout" (counted) when the job must stop now, else None."""
         if job.cancel.is_set():
             self.cancelled += 1
             return "cancelled"
         if time.monotonic() > job.deadline:
             self.timed_out += 1
             return "timeout"
+        return None
+
+    def _generate(self, job: Job) -> str:
+        if stopped := self._stopped(job):
+            return stopped
         stream = self.engine.stream(job.prompt, **job.options)
         try:
             # The engine computes the next token when asked for it, so checking between tokens wastes no
@@ -105,12 +111,8 @@ class Worker:
             for token in stream:
                 job.produced += 1
                 job.send("token", token)
-                if job.cancel.is_set():
-                    self.cancelled += 1
-                    return "cancelled"
-                if time.monotonic() > job.deadline:
-                    self.timed_out += 1
-                    return "timeout"
+                if stopped := self._stopped(job):
+                    return stopped
         finally:
             stream.close()
         return "done"
