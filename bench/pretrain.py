@@ -38,19 +38,23 @@ CONFIGS = {
 WARMUP_STEPS = 2  # compile and autotune, allocator warm-up: not timed
 
 
-def recipe_config() -> dict:
-    """params.yaml's pretrain model at its longest seq_len, as the stage would run it."""
+def recipe_config(device_type: str = "cuda") -> tuple[dict, object]:
+    """params.yaml's pretrain model at its longest seq_len, as the stage would run it: the bench's spec (rows,
+    accumulation, learning rates) and the GPTConfig, built where the stage builds it (PretrainParams.model_config,
+    so every switch of the recipe is in the timed model)."""
     from daychat.params import load_section
     from daychat.train.schedule import plan_batch
 
     p = load_section("pretrain", ROOT / "params.yaml")
     plan = plan_batch(p.total_batch, p.device_batch, [t for _, t in p.curriculum()])
     tokenizer = load_section("tokenizer", ROOT / "params.yaml")
-    return dict(depth=p.depth, aspect_ratio=p.aspect_ratio, head_dim=p.head_dim, vocab_size=tokenizer.vocab_size,
+    config = p.model_config(tokenizer.vocab_size, plan.max_seq_len, device_type)
+    spec = dict(depth=p.depth, aspect_ratio=p.aspect_ratio, head_dim=p.head_dim, vocab_size=tokenizer.vocab_size,
                 seq_len=plan.max_seq_len, rows=p.device_batch, accum=plan.accum_steps(plan.max_seq_len),
                 n_kv_head=p.n_kv_head or None, window_pattern=p.window_pattern, short_window=p.short_window,
                 matrix_lr=p.matrix_lr, embedding_lr=p.embedding_lr, unembedding_lr=p.unembedding_lr,
                 scalar_lr=p.scalar_lr, weight_decay=p.weight_decay)
+    return spec, config
 
 
 def measure(name: str, steps: int) -> dict:
@@ -65,13 +69,13 @@ def measure(name: str, steps: int) -> dict:
     from daychat.train.schedule import BatchPlan, Horizon, Schedule
 
     base, _, variant = name.partition("+")  # "recipe+fp8": the recipe's model with FP8 block matmuls
-    spec = recipe_config() if base == "recipe" else dict(CONFIGS[base])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    spec, config = recipe_config(device.type) if base == "recipe" else (dict(CONFIGS[base]), None)
     rows, seq_len, accum = spec.pop("rows"), spec.pop("seq_len"), spec.pop("accum")
     lrs = {key: spec.pop(key) for key in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
            if key in spec}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=seq_len, **spec)
+    config = config or GPTConfig(sequence_len=seq_len, **spec)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

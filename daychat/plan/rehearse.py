@@ -540,8 +540,12 @@ def _prompt_tokens(messages: list[dict], tok) -> int:
 
 
 def rehearse(shapes: Shapes, card, *, device: str, timeout_s: float, threads: int, margin: float = 0.05,
-             only: list[str] | None = None, say=print) -> dict[str, Any]:
-    """Estimate every phase for the card, run each on `device` (fitted to a CPU), compare. The report dict."""
+             only: list[str] | None = None, budget_s: float | None = None, after_job=None,
+             say=print) -> dict[str, Any]:
+    """Estimate every phase for the card, run each on `device` (fitted to a CPU), compare. The report dict.
+    `budget_s` bounds the whole run (a job that would start past it is recorded as skipped, not run);
+    `after_job(report)` gets the report so far after each job (a run cut off keeps what it measured)."""
+    deadline = time.monotonic() + budget_s if budget_s else None
     card_bytes = card.memory_bytes
     planned = estimates(shapes, card_bytes, "cuda")
     if only:
@@ -555,7 +559,8 @@ def rehearse(shapes: Shapes, card, *, device: str, timeout_s: float, threads: in
             run, here = dataclasses.replace(job, device=device), card_phases
         say(f"rehearse: [{n}/{len(planned)}] {job.stage}: {', '.join(job.phases)}"
             + (f" ({'; '.join(run.reduced)})" if run.reduced else ""))
-        measured = _run(run, timeout_s)
+        left = deadline - time.monotonic() if deadline else timeout_s
+        measured = _run(run, min(timeout_s, left)) if left >= 10 else {"error": "skipped: the time budget ran out"}
         for name, on_card, est in zip(job.phases, card_phases, here):
             m = measured.get(name) if "error" not in measured else None
             peak = m["peak_bytes"] if m else None
@@ -576,6 +581,12 @@ def rehearse(shapes: Shapes, card, *, device: str, timeout_s: float, threads: in
                 "failure": measured.get("error") if "error" in measured else None,
                 "oom": bool(measured.get("oom")),
             })
+        if after_job:
+            after_job(_report(shapes, card, card_bytes, margin, device, rows))
+    return _report(shapes, card, card_bytes, margin, device, rows)
+
+
+def _report(shapes: Shapes, card, card_bytes: int, margin: float, device: str, rows: list[dict]) -> dict[str, Any]:
     return {"card": card.key, "card_gib": card_bytes / GiB, "margin": margin, "device": _device_name(device),
             "lengths_from": shapes.lengths_from, "core_longest": shapes.core_longest,
             "proxy_longest": shapes.proxy_longest, "chat_longest": shapes.chat_longest,
@@ -669,8 +680,9 @@ def main(argv: list[str] | None = None) -> None:
     shapes = recipe_shapes(args.params, tokenizer=args.tokenizer, bundle=args.bundle, chat_data=args.chat_data,
                            cache=args.cache, lengths=args.lengths, longest_only=args.longest_only)
     only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
+    partial = (lambda so_far: write_text(args.json, json.dumps(so_far, indent=1) + "\n")) if args.json else None
     report = rehearse(shapes, card, device=device, timeout_s=args.timeout_s, threads=args.threads, only=only,
-                      say=lambda line: status("rehearse", line))
+                      budget_s=args.budget_s, after_job=partial, say=lambda line: status("rehearse", line))
     report["note"] = args.note
     write_text(args.out, markdown(report))
     flat = {"card_gib": report["card_gib"], "phases": len(report["phases"]),
@@ -712,6 +724,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="rehearse the training step at the curriculum's longest seq_len only (its peak)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per phase (0 = torch's default)")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per phase")
+    parser.add_argument("--budget-s", type=float, help="for the whole run: jobs that would start later are skipped")
     parser.add_argument("--only", help="comma-separated parts of phase names: rehearse those jobs only")
     parser.add_argument("--note", default="", help="a line for the report: where the tokenizer and data came from")
     parser.add_argument("--out", default="reports/rehearse.md")
