@@ -263,6 +263,34 @@ def throughput(report: Report, cpu: bool, names: list[str]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def preflight(params: Path) -> str | None:
+    """What the whole run will import, imported now, and the recipe read: a missing package costs seconds of
+    the machine's time here instead of the figures that need it (a line saying what to carry, or None)."""
+    import importlib
+
+    missing = []
+    for module in ("daychat.plan.rehearse", "daychat.plan.measure", "daychat.eval.scoring", "daychat.train.loop",
+                   "daychat.model.fp8", "daychat.data.staging", "bench.pretrain", "pydantic"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            missing.append(e.name or module)
+    if not missing:
+        try:
+            from daychat.params import validate_all
+
+            validate_all(params)
+            from bench.pretrain import recipe_config
+
+            recipe_config()
+        except ModuleNotFoundError as e:
+            missing.append(e.name or "?")
+    if missing:
+        return (f"missing Python packages on this machine: {', '.join(sorted(set(missing)))} (carry them as wheels: "
+                "bash bench/gpu_wheels.sh where pip works, then carry .whl)")
+    return None
+
+
 def card_slug(device) -> str:
     import torch
 
@@ -283,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    problem = preflight(Path(args.params))
+    if problem:
+        print(f"gpu_check: {problem}", file=sys.stderr)
+        return 2
     cpu = args.cpu or not torch.cuda.is_available()
     device = "cpu" if cpu else "cuda"
     if device == "cuda":

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import rustbpe
 import tiktoken
 
 from daychat.data.textshards import iter_text_batches
@@ -155,6 +154,8 @@ class Tokenizer:
         first = next(texts, None)
         if first is None:
             raise UserError("no training text: the train split is empty (check the dataset the tokenizer reads)")
+        import rustbpe  # training only: loading, encoding and the params check run without it (a GPU box)
+
         bpe = rustbpe.Tokenizer()
         t0 = time.perf_counter()
         bpe.train_from_iterator(itertools.chain([first], texts), merges_and_bytes, pattern=regex)

@@ -3,6 +3,7 @@ the real recipe is planned and fits the card; the CPU fits a phase by lowering t
 GPU check runs end to end in its CPU mode."""
 
 import json
+import sys
 
 import pytest
 
@@ -89,3 +90,50 @@ def test_the_gpu_check_runs_in_its_cpu_mode(tmp_path, lengths):
     assert all(p["measured_gib"] is not None for p in report["rehearsal"]["phases"])
     assert report["throughput/ci"]["tok_per_s"] > 0
     assert report["summary"]["failed_checks"] == []
+
+
+def test_the_gpu_check_stops_at_once_naming_a_missing_package(tmp_path):
+    """A GPU machine's image without pydantic: the check says so in seconds, before any compile (a first
+    visit lost its recipe figures to a package nobody had checked for)."""
+    import os
+    import subprocess
+
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'pydantic':\n"
+        "            raise ModuleNotFoundError(f\"No module named '{name}'\", name=name)\n"
+        "sys.meta_path.insert(0, Block())\n")
+    env = {**os.environ, "PYTHONPATH": f"{block}:{ROOT}"}
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--cpu", "--out", str(tmp_path / "g.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2
+    assert "missing Python packages on this machine: pydantic" in done.stderr
+    assert "bench/gpu_wheels.sh" in done.stderr and not (tmp_path / "g.json").exists()
+
+
+def test_a_rehearsal_past_its_budget_skips_the_rest_and_keeps_what_it_measured(lengths, monkeypatch):
+    shapes = rehearse.recipe_shapes(str(ROOT / "workflow" / "recipes" / "ci.yaml"), tokenizer=None, bundle=None,
+                                    chat_data=None, lengths=str(lengths), longest_only=True)
+    clock = iter(range(0, 10_000, 100))  # each job "takes" 100 s
+    monkeypatch.setattr(rehearse.time, "monotonic", lambda: next(clock))
+    ran, partial = [], []
+
+    def fake_run(job, timeout_s):
+        ran.append((job.phases, timeout_s))
+        return {name: {"peak_bytes": GiB, "seconds": 1.0} for name in job.phases}
+
+    monkeypatch.setattr(rehearse, "_run", fake_run)
+    card = get_card("rtx4090")
+    report = rehearse.rehearse(shapes, card, device="cpu", timeout_s=900, threads=1, budget_s=250,
+                               after_job=partial.append, say=lambda line: None)
+    jobs = len(rehearse.estimates(shapes, card.memory_bytes, "cuda"))
+    assert len(ran) == 2 < jobs and all(timeout <= 250 for _, timeout in ran)
+    skipped = [r for r in report["phases"] if r["failure"]]
+    assert len(skipped) == len(report["phases"]) - sum(len(phases) for phases, _ in ran)
+    assert all("time budget" in r["failure"] for r in skipped)
+    assert len(partial) == jobs  # the report so far, after every job: a run cut off keeps what it measured
+    assert all(r["measured_gib"] == 1.0 for r in partial[1]["phases"])

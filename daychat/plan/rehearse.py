@@ -582,7 +582,7 @@ def rehearse(shapes: Shapes, card, *, device: str, timeout_s: float, threads: in
                 "oom": bool(measured.get("oom")),
             })
         if after_job:
-            after_job(_report(shapes, card, card_bytes, margin, device, rows))
+            after_job(_report(shapes, card, card_bytes, margin, device, list(rows)))
     return _report(shapes, card, card_bytes, margin, device, rows)
 
 
