@@ -200,6 +200,12 @@ def test_a_held_out_text_is_encoded_like_a_split_and_packed_by_the_same_loader(t
     assert x.shape == (2, 16) and x[0, 0] == tok.bos_id
     with pytest.raises(UserError, match="pretrain.eval_text"):
         encode_texts(tmp_path / "missing", tok, "pretrain.eval_text")
+    # a CRLF file (Project Gutenberg's) encodes as its LF copy: line endings are a convention, not content
+    for name, newline in (("lf", "\n"), ("crlf", "\r\n"), ("cr", "\r")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "0.txt").write_bytes(newline.join(["the cat sat", "", "on the mat"]).encode())
+    lf, crlf, cr = (encode_texts(tmp_path / name, tok, "pretrain.eval_text").shards[0] for name in ("lf", "crlf", "cr"))
+    assert list(crlf) == list(lf) == list(cr) and tok.encode("\r")[0] not in list(lf)
 
 
 # ----------------------------------------------------------------------------------------------------
