@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.whl/' >> .git/info/exclude; }
+mkdir -p .whl  # ignored (.gitignore): wheels are never committed
 pins=()
 for name in pydantic pydantic-core annotated-types typing-inspection typing-extensions; do
   version=$("$PY" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')
