@@ -105,6 +105,8 @@ class PackedLoader:
     def _fill_buffer(self) -> None:
         while len(self._buffer) < self.buffer_docs:
             if self._cursor == self.n_docs:  # the shards ran out: the next epoch, in its own order
+                if self._buffer:  # once this epoch's pieces are placed: a split of fewer documents than
+                    return        # the buffer holds must not come in twice (rows of copies of one document)
                 self.epoch += 1
                 self._cursor = 0
                 self._order = self._epoch_order(self.epoch)
