@@ -122,14 +122,17 @@ def test_filter_ablation_variants_and_effects():
 
 def test_filter_ablation_reads_the_harness_list_of_runs(tmp_path):
     """The ablation harness's own results.json: one record per run; the short budget of the scale that has
-    the filter variants, paired on the seeds every variant has, by heldout_bpb when all runs report it."""
+    the filter variants, paired on the seeds every variant has, by heldout_bpb when all runs report it; the
+    runs of older code that the harness keeps in the file are left out."""
     runs = [{"variant": v, "seed": seed, "scale": "d4x128", "budget": "short",
              "metrics": {"val_bpb": 9.0, "heldout_bpb": base + 0.01 * seed}}
             for v, base in (("dedup-only", 2.2), ("heuristics", 2.1)) for seed in (0, 1, 2)]  # the harness's '-' names
     runs += [{"variant": "heuristics", "seed": 3, "scale": "d4x128", "budget": "short", "metrics": {"heldout_bpb": 0.0}},
              {"variant": "dedup_only", "seed": 0, "scale": "d4x128", "budget": "long", "metrics": {"heldout_bpb": 0.0}},
              {"variant": "baseline", "seed": 0, "scale": "d4x128", "budget": "short", "metrics": {"heldout_bpb": 0.0}}]
-    (tmp_path / "results.json").write_text(json.dumps(runs))
+    old = [{"variant": v, "seed": 5, "scale": "d4x128", "budget": "short", "metrics": {"heldout_bpb": 7.0},
+            "code": "before"} for v in ("dedup-only", "heuristics")]  # a seed only older code ran: kept by the harness
+    (tmp_path / "results.json").write_text(json.dumps(old + [{**r, "code": "now"} for r in runs]))
     results = filter_ablation.read_results(tmp_path / "results.json")
     assert results["metric"] == "heldout_bpb" and results["variants"]["heuristics"]["values"] == [2.1, 2.11, 2.12]
     (effect,) = filter_ablation.effects(results).values()
