@@ -189,8 +189,8 @@ def test_a_split_smaller_than_the_buffer_is_read_once_per_epoch(unique_tokens):
     """Fewer documents than buffer_docs (a small val split, a held-out text of 59 books): the buffer takes
     the next epoch's documents only once this epoch's are placed. It used to fill up at once, so it held
     ~8 copies of every document here, and in order (val, held-out) a batch's rows were copies of the
-    longest document's start: the filter ablation's held-out score read the first 512 tokens of the
-    longest Gutenberg books, header and licence, 17 times each."""
+    longest document's start: the filter ablation's held-out score read War and Peace four times over
+    from its header instead of a Gutenberg shard's 59 books once."""
     loader = PackedLoader(unique_tokens, shuffle=False, buffer_docs=1000)
     batches = [loader.next_batch(4, 32) for _ in range(unique_tokens.tokens // (4 * 33))]  # within one pass
     targets = [t for _, y in batches for t in y[y > 0].tolist()]
