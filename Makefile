@@ -83,7 +83,7 @@ sweep: setup
 ablate: setup
 	nice -n 10 $(PY) -m workflow.ablate $(ABLATE)
 
-# The quality filters downstream (workflow/ablate-filters.yaml): four data variants x 3 seeds, scored on a
+# The quality filters downstream (workflow/ablate-filters.yaml): four data variants x 5 seeds, scored on a
 # held-out Gutenberg shard; reports/ablate-filters.md, read by the report stage's data section.
 ablate-filters: setup
 	nice -n 10 $(PY) -m workflow.ablate --config workflow/ablate-filters.yaml --report reports/ablate-filters.md
