@@ -234,20 +234,23 @@ CHECKS: dict[str, Callable] = {"compile_bf16": check_compile_bf16, "flex_windows
 def rehearse(report: Report, cpu: bool, params: Path, lengths: Path, reserve_s: float = 0.0) -> None:
     """The rehearsal within what is left less `reserve_s` (kept for the throughput runs after it)."""
     out = Path(report.path).with_name(Path(report.path).stem + "-rehearse")
+    budget = max(30, int(report.left() - reserve_s))
     cmd = [sys.executable, "-m", "daychat.plan.rehearse", "--params", str(params), "--device", "cpu" if cpu else "cuda",
            "--lengths", str(lengths), "--longest-only", "--out", f"{out}.md", "--metrics", f"{out}.metrics.json",
-           "--json", f"{out}.json", "--budget-s", str(max(30, int(report.left() - reserve_s)))]
+           "--json", f"{out}.json", "--budget-s", str(budget)]
     if cpu:  # the plumbing, not the figures: two phases of the tiny recipe
         cmd += ["--only", "train step,CORE scoring"]
+
+    def phases() -> list | None:  # the JSON is written after every job: a run cut off keeps what it measured
+        return json.loads(Path(f"{out}.json").read_text()).get("phases") if Path(f"{out}.json").is_file() else None
+
     t0 = time.monotonic()
     try:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(60, report.left() - reserve_s + 60))
-        full = json.loads(Path(f"{out}.json").read_text()) if Path(f"{out}.json").is_file() else {}
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget + 60)
         report.put("rehearsal", {"returncode": done.returncode, "seconds": time.monotonic() - t0,
-                                 "phases": full.get("phases"), "stderr_tail": done.stderr[-1500:]})
-    except subprocess.TimeoutExpired:  # the phases measured before the cut are in the JSON, written per job
-        full = json.loads(Path(f"{out}.json").read_text()) if Path(f"{out}.json").is_file() else {}
-        report.put("rehearsal", {"error": "out of time", "seconds": time.monotonic() - t0, "phases": full.get("phases")})
+                                 "phases": phases(), "stderr_tail": done.stderr[-1500:]})
+    except subprocess.TimeoutExpired:
+        report.put("rehearsal", {"error": "out of time", "seconds": time.monotonic() - t0, "phases": phases()})
 
 
 def throughput(report: Report, cpu: bool, names: list[str]) -> None:

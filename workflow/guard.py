@@ -311,6 +311,8 @@ def _adopt(root: Path, *, snakefile: str, stages: list, per_shard: bool, say) ->
 def settle_benchmarks(root: Path, stages: list) -> list[str]:
     """Give every stage whose outputs exist a benchmark that is not older than them (step 4): a row of NA where
     Snakemake did not measure the run that made them. Returns the stages given one."""
+    from daychat.io import write_text
+
     settled = []
     for stage in stages:
         outputs = [root / out for out in stage.outputs]
@@ -319,10 +321,7 @@ def settle_benchmarks(root: Path, stages: list) -> list[str]:
         bench, metrics = root / stage.benchmark(), root / (stage.metrics or stage.outputs)[0]
         if bench.is_file() and bench.stat().st_mtime >= metrics.stat().st_mtime:
             continue
-        bench.parent.mkdir(parents=True, exist_ok=True)
-        tmp = bench.with_name(f".{bench.name}.{os.getpid()}.tmp")
-        tmp.write_text("\t".join(BENCHMARK_HEADER) + "\n" + "\t".join(["NA"] * len(BENCHMARK_HEADER)) + "\n")
-        os.replace(tmp, bench)
+        write_text(bench, "\t".join(BENCHMARK_HEADER) + "\n" + "\t".join(["NA"] * len(BENCHMARK_HEADER)) + "\n")
         settled.append(stage.name)
     return settled
 

@@ -38,7 +38,7 @@ RECIPES = ROOT / "workflow" / "recipes"
 CODE_LINKS = ("stages", "daychat", "workflow", "Snakefile", "profiles")  # code deps, commands, the engine and its default profile
 # logs/ and benchmarks/: Snakemake's per-job logs and benchmarks (the Snakefile's log: and benchmark:), not DVC's
 GITIGNORE = ".snakemake/\n.cache/\n.snakemake_timestamp\nlogs/\nbenchmarks/\n"
-DVCIGNORE = ".snakemake/\n.cache/\n.snakemake_timestamp\nlogs/\nbenchmarks/\n"
+DVCIGNORE = GITIGNORE  # the same scratch, for both tools
 
 
 def recipe_path(recipe: str) -> Path:
