@@ -41,6 +41,7 @@ bench: setup
 	$(PY) -m bench.dedup
 	$(PY) -m bench.quality
 	$(PY) -m bench.heuristics
+	$(PY) -m bench.labelled --constructed --classifier $(if $(PAGES),--pages $(PAGES))
 	$(PY) -m bench.pretrain
 	$(PY) -m bench.memory
 	$(PY) -m bench.dag
@@ -83,9 +84,11 @@ sweep: setup
 ablate: setup
 	nice -n 10 $(PY) -m workflow.ablate $(ABLATE)
 
-# The quality filters downstream (workflow/ablate-filters.yaml): four data variants x 5 seeds, scored on a
-# held-out Gutenberg shard; reports/ablate-filters.md, read by the report stage's data section.
+# The quality filters downstream (workflow/ablate-filters.yaml): five data variants x 5 seeds, scored on the
+# web pages people labelled high quality (fetched from GitHub once; PAGES=path/to/majority_data.jsonl copies a
+# local copy instead); reports/ablate-filters.md, read by the report stage's data section.
 ablate-filters: setup
+	$(PY) -m bench.labelled --write-high .cache/labelled/high.jsonl $(if $(PAGES),--pages $(PAGES))
 	nice -n 10 $(PY) -m workflow.ablate --config workflow/ablate-filters.yaml --report reports/ablate-filters.md
 
 # Talk to a model: make chat (models/sft of the root run), or MODEL=runs/demo/models/sft.

@@ -311,17 +311,18 @@ class PretrainParams:
             raise ParamsError(f"pretrain.{key}", f"does not make a valid model: {message}") from None
 
 
-# The combined heuristic score's weights per statistic (daychat.data.heuristics.STATISTICS), from
-# `python -m bench.heuristics` (reports/bench/heuristics.json); score_bias and min_score beside them.
+# The combined heuristic score's weights per statistic (daychat.data.heuristics.STATISTICS), fitted on
+# people's labels by `python -m bench.labelled` (reports/bench/labelled.json); score_bias and min_score beside them.
 SCORE_WEIGHTS: dict[str, float] = {
-    "stop_word_ratio": 14.4667,
-    "alpha_words": 0.4547,
-    "log_mean_line_chars": 0.6519,
-    "line_punct": 23.0388,
-    "short_lines": -2.7182,
-    "dup_line_chars": -9.8707,
-    "top_2gram_chars": -19.5316,
-    "dup_5gram_chars": -8.1274,
+    "stop_word_ratio": 21.17,
+    "alpha_words": 12.8609,
+    "log_mean_line_chars": 0.422,
+    "line_punct": 0.9143,
+    "symbol_ratio": -142.7576,
+    "short_lines": -1.3377,
+    "bullet_lines": -0.241,
+    "dup_line_chars": -14.2223,
+    "top_2gram_chars": -20.6069,
 }
 
 
@@ -362,10 +363,10 @@ class QualityParams:
     max_dup_ngram_chars: list[float] = knob([0.15, 0.14, 0.13, 0.12, 0.11, 0.10])  # for n = 5, 6, ...
     # "score" (only when listed in `heuristics`): p(clean) = sigmoid(score_bias + sum of score_weights[s] x s)
     # over the statistics of daychat.data.heuristics.STATISTICS; a document under min_score is dropped. The
-    # weights and cut-off are fitted and chosen by `python -m bench.heuristics` (README, "Data quality").
+    # weights and cut-off are fitted and chosen by `python -m bench.labelled` (README, "Data quality").
     score_weights: dict[str, float] = field(default_factory=lambda: dict(SCORE_WEIGHTS))
-    score_bias: float = knob(-4.8447)
-    min_score: float = knob(0.797, min=0.0, max=1.0)
+    score_bias: float = knob(-16.8846)
+    min_score: float = knob(0.356, min=0.0, max=1.0)
     # 3. Quality classifier (fastText, DCLM-style), trained in the stage on positives vs negatives. A
     # source is `input` (the documents that passed 1 and 2), `shuffled:<source>` (its words shuffled),
     # `embedded:stdlib|packages|reference`, `local:<path or glob>` (parquet, jsonl, jsonl.gz, json) or an http(s) URL of a

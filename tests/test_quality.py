@@ -123,9 +123,9 @@ BAD = {
     "dup_paragraphs": ("dup_paragraphs", CLEAN + "\n\n" + "\n\n".join(["Thank you for reading.\nShare it with friends."] * 12)),
     "top_ngrams": ("top_ngrams", " ".join(f"{w} very good" for w in CLEAN.split())),
     "dup_ngrams": ("dup_ngrams", CLEAN + " " + " ".join([SENTENCES[0]] * 4)),
-    # the combined score: the same words as CLEAN, cut into 3-word lines without punctuation (a table, a menu)
-    "score": ("score", "\n".join(" ".join(w.strip(".,:;") for w in CLEAN.split()[i:i + 3])
-                                  for i in range(0, len(CLEAN.split()), 3))),
+    # the combined score: CLEAN's longer words as a product listing (few stop words, prices, short lines)
+    "score": ("score", "\n".join(f"{a.title()} {b} - ${9 + i % 90}.99 - in stock" for i, (a, b) in enumerate(zip(
+        *[iter([w.strip(".,:;").lower() for w in CLEAN.split() if len(w) > 4])] * 2)))),
     "boilerplate": ("boilerplate", "Skip to content\n\nWe use cookies to improve your experience.\n\n"
                                    "Privacy policy | Terms of use\n\nCopyright (c) 2024 Example Ltd. All rights reserved.\n\n"
                                    "Hello, welcome to our site."),

@@ -118,6 +118,9 @@ def test_filter_ablation_variants_and_effects():
     only_means = {"variants": {"heuristics": {"mean": 2.0, "seeds": 2}, "dedup_only": {"mean": 2.5, "seeds": 2}}}
     (effect,) = filter_ablation.effects(only_means).values()
     assert effect.diff == -0.5 and effect.ci95 is None and effect.helps() is None
+    assert filter_ablation.effect_of_reason("score", {"language ID + heuristics": effect}) == "not measured"
+    assert filter_ablation.effect_of_reason("score", {"heuristic score": effect}).startswith("eval_bpb -0.5000")
+    assert filter_ablation.effect_of_reason("too_short", {"language ID + heuristics": effect}).startswith("eval_bpb -0.5000")
 
 
 def test_filter_ablation_reads_the_harness_list_of_runs(tmp_path):

@@ -54,6 +54,7 @@ from workflow import dag, workspace
 ROOT = workspace.ROOT
 CONFIG = ROOT / "workflow" / "ablate.yaml"
 CODE = ("stages", "daychat", "workflow", "Snakefile")
+PATH_KEYS = ("path", "eval_text", "core_path")  # params whose values name files, relative to the project root
 # Two-sided 95% Student t quantiles by degrees of freedom (1..30); above, 1.96.
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
@@ -146,7 +147,7 @@ def resolve_paths(overrides: dict) -> dict:
     """Values of keys that name files (…path, eval_text) are taken relative to the project root."""
     out = {}
     for key, value in overrides.items():
-        if isinstance(value, str) and value and key.split(".")[-1] in ("path", "eval_text", "core_path"):
+        if isinstance(value, str) and value and key.split(".")[-1] in PATH_KEYS:
             value = str((ROOT / value).resolve())
         out[key] = value
     return out
@@ -209,6 +210,28 @@ def code_hash() -> str:
     for dep in sorted(d for d in stage.deps if d.endswith(".py")):
         digest.update(dep.encode() + (ROOT / dep).read_bytes())
     return digest.hexdigest()[:12]
+
+
+def setup_hash(cfg: dict, code: str) -> str:
+    """What decides every run's result besides its own overrides: the pretrain code (`code`), the base
+    recipe, the config's `data` and `base` settings and the content of the files they name (a held-out
+    text rewritten in place is another measurement). Part of each run's name and its `code` in the
+    results, so that a changed setup reruns everything and the report reads only the new runs."""
+    digest = hashlib.sha256(code.encode() + workspace.recipe_path(cfg["recipe"]).read_bytes())
+    settings = resolve_paths({**cfg.get("data", {}), **cfg.get("base", {})})
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for key, value in sorted(settings.items()):
+        if key in _path_keys(settings) and value:
+            path = Path(value)
+            if not path.exists():
+                raise AblateError(f"{key}: {value} not found" + (f"; make it with `{cfg['setup']}`" if cfg.get("setup") else ""))
+            if path.is_file():
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:12]
+
+
+def _path_keys(settings: dict) -> list[str]:
+    return [key for key, value in settings.items() if isinstance(value, str) and key.split(".")[-1] in PATH_KEYS]
 
 
 def freeze_code(into: Path) -> Path:
@@ -556,11 +579,13 @@ def main(argv: list[str] | None = None) -> None:
     png = folder / f"{args.report.stem}.png"
     recorded = {r["name"]: r for r in json.loads(results_path.read_text())} if results_path.is_file() else {}
     t0 = time.time()
-    code_version = code_hash()
 
     if args.report_only:
-        runs = list(recorded.values())
+        runs = list(recorded.values())  # the latest setup's runs: the file keeps older ones, not to be mixed in
+        code_version = runs[-1].get("code", "unknown") if runs else "unknown"
+        runs = [r for r in runs if r.get("code", "unknown") == code_version]
     else:
+        code_version = setup_hash(cfg, code_hash())
         code = freeze_code(ws.parent / f".{ws.name}-code")
         env = env_for(code)
         params = prepare_workspace(cfg, ws, code, env)

@@ -2,11 +2,12 @@
 results file the ablation harness writes.
 
 Each filter earns its place only if tiny models trained on equal token budgets from the data it leaves
-do better on the same held-out text than models trained without it (issue 18). Four variants, each an
+do better on the same held-out text than models trained without it (issue 18). Five variants, each an
 override of the `quality` params section (everything else as the recipe has it):
 
     dedup_only            nothing after dedup: no language ID, no heuristics, no classifier
     heuristics            language ID + the heuristics, no classifier
+    heuristics_score      the same + the combined heuristic score (`score` added to quality.heuristics)
     heuristics_classifier the recipe as it is
     random_drop           language ID + heuristics, then a seeded random drop of as many documents as the
                           classifier drops (classifier_keep: random; the same classifier_top_fraction)
@@ -17,7 +18,8 @@ override of the `quality` params section (everything else as the recipe has it):
 
 What the harness must do with them (issue 17's `make ablate`): train each variant with 3+ seeds at the same
 token budget (variants that keep less text repeat it more), and score every model on the same text that
-no variant trained on: EVAL_TEXT below, never a variant's own validation split (the filters change it).
+no variant trained on (the config's pretrain.eval_text), never a variant's own validation split (the
+filters change it).
 
 The results file (JSON; `make ablate-filters` writes the harness's list of runs, reports/ablate-filters/results.json):
 
@@ -40,10 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daychat.sections import QualityParams
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "dedup_only": {"quality.lid": False, "quality.heuristics": [], "quality.strip_gutenberg": False,
                    "quality.classifier": False},
     "heuristics": {"quality.classifier": False},
+    "heuristics_score": {"quality.classifier": False, "quality.heuristics": [*QualityParams().heuristics, "score"]},
     "heuristics_classifier": {},
     "random_drop": {"quality.classifier": True, "quality.classifier_keep": "random"},
 }
@@ -53,21 +58,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # than throwing away as much text at random, i.e. is it the choice of documents, not the smaller set?).
 COMPARISONS: dict[str, tuple[str, str]] = {
     "language ID + heuristics": ("heuristics", "dedup_only"),
+    "heuristic score": ("heuristics_score", "heuristics"),
     "classifier": ("heuristics_classifier", "heuristics"),
     "classifier vs a random drop of the same size": ("heuristics_classifier", "random_drop"),
 }
 
 # The comparison that measures each drop reason of the quality stage's metrics (dropped_<reason>).
 CLASSIFIER_REASONS = ("classifier",)
+SCORE_REASONS = ("score",)
 FILTER_OF_REASON = "language ID + heuristics"  # every other reason: language ID, stripping and heuristics
 
-# The held-out text every variant's models are scored on: never trained on by any variant, and not
-# filtered by any of them. On the shared corpora (tests, benchmarks): Gutenberg's validation shard
-# (../shared/data/corpus/gutenberg/shard_00007.parquet) when the variants train on the mixed corpus, and
-# the passages of the CORE bundle's language-modelling tasks (eval_bundle/eval_data/language_understanding/
-# lambada_openai.jsonl, its `context` + `continuation`) for every corpus.
-EVAL_TEXT = ("../shared/data/corpus/gutenberg/shard_00007.parquet",
-             "../shared/data/eval_bundle/eval_data/language_understanding/lambada_openai.jsonl")
+# The held-out text every variant's models are scored on is the ablation config's `pretrain.eval_text`:
+# never trained on by any variant, and not filtered by any of them (workflow/ablate-filters.yaml: the
+# pages people labelled high quality among DCLM's 499 Common Crawl pages, bench/labelled.py).
 
 DEFAULT_RESULTS = "reports/ablate-filters/results.json"
 HELDOUT_METRIC = "heldout_bpb"  # the pretrain metric on a fixed held-out text (pretrain.eval_text, issue 17)
@@ -75,7 +78,7 @@ HELDOUT_METRIC = "heldout_bpb"  # the pretrain metric on a fixed held-out text (
 
 def overrides(variant: str) -> list[str]:
     """The variant as `dvc exp run -S` arguments (YAML values: false, [], random)."""
-    return [f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+    return [f"{key}={value if isinstance(value, str) else json.dumps(value, separators=(',', ':'))}"
             for key, value in VARIANTS[variant].items()]
 
 
@@ -161,7 +164,8 @@ def effects(results: dict | None) -> dict[str, Effect]:
 
 def effect_of_reason(reason: str, measured: dict[str, Effect]) -> str:
     """The report's cell for one drop reason: its filter's downstream effect, or "not measured"."""
-    name = "classifier" if reason in CLASSIFIER_REASONS else FILTER_OF_REASON
+    name = ("classifier" if reason in CLASSIFIER_REASONS else "heuristic score" if reason in SCORE_REASONS
+            else FILTER_OF_REASON)
     effect = measured.get(name)
     if effect is None:
         return "not measured"
