@@ -79,7 +79,8 @@ def pages_file(copy_from: str | Path | None = None, cache: Path = CACHE) -> Path
             with urllib.request.urlopen(PAGES_URL, timeout=60) as response:
                 data = response.read()
     except OSError as exc:
-        hint = "" if copy_from else "; without GitHub, pass --pages PATH (a copy of DCLM's data/majority_data.jsonl)"
+        hint = "" if copy_from else ("; without GitHub, pass a copy of DCLM's data/majority_data.jsonl: --pages PATH "
+                                     "(make: PAGES=PATH)")
         raise UserError(f"cannot read the labelled pages from {where}: {exc}{hint}") from None
     if _sha256(data) != PAGES_SHA256:
         raise UserError(f"{where} is not DCLM's data/majority_data.jsonl at commit {COMMIT[:7]} "
