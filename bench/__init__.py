@@ -20,3 +20,12 @@ def record(path: Path, results: dict[str, dict]) -> None:
     for key, figures in results.items():
         data[key] = {**figures, **stamp}
     write_json(path, data)
+
+
+def quality_filters_on(section: dict) -> dict:
+    """A `quality` params section with language ID and every heuristic but the score switched on, its
+    thresholds kept: what the quality benchmarks measure, whether or not the recipe runs them (params.yaml
+    has them off until the filter ablation shows they help)."""
+    from daychat.sections import QualityParams
+
+    return {**section, "lid": True, "heuristics": QualityParams().heuristics}

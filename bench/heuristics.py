@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
-from bench import record
+from bench import quality_filters_on, record
 from bench.warc import warc_pages
 from daychat.data import quality
 from daychat.data.heuristics import STATISTICS, Heuristics, Words, document_stats, quality_score, strip_gutenberg
@@ -72,7 +72,7 @@ COMMENTS = ("lol", "great post!!", "thanks for sharing", "first", "this", "+1", 
 def main() -> None:
     if not SHARED.is_dir():
         sys.exit(f"error: {SHARED} not found; the heuristics benchmark needs ../shared beside the project")
-    recipe = parse_section("quality", yaml.safe_load((ROOT / "params.yaml").read_text())["quality"])
+    recipe = parse_section("quality", quality_filters_on(yaml.safe_load((ROOT / "params.yaml").read_text())["quality"]))
     data = constructed_documents()
     results = constructed_fit(recipe, data)
     score = results["score"]

@@ -8,8 +8,8 @@ machine without GitHub, `python -m bench.labelled --pages PATH` copies them from
 the same way), e.g. one taken from a clone of the DCLM repository.
 
 What it measures, every figure on the same pages:
-- the recipe's quality stage as it runs (params.yaml `quality`: boilerplate stripping, length, language
-  ID, the Gopher/C4 heuristics): the share of pages it drops, how many of its drops people called low
+- the quality stage's filters with params.yaml's thresholds, switched on (boilerplate stripping, length,
+  language ID, the Gopher/C4 heuristics; params.yaml has them off): the share of pages it drops, how many of its drops people called low
   quality (precision), the share of high-quality pages it drops and of low-quality pages it catches, per
   drop reason; and what line stripping did (pages stripped, characters removed, by label);
 - each heuristic statistic (daychat/data/heuristics.py STATISTICS) as a ranking: ROC AUC against the
@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench import record
+from bench import quality_filters_on, record
 from bench.heuristics import SIGNS, auc, fit_logistic
 from daychat.data.heuristics import STATISTICS, Words, document_stats, quality_score
 from daychat.data.quality import DocumentFilter, Tally, _unit_hash, spearman
@@ -196,7 +196,7 @@ def classifier_agreement(pages: list[tuple[str, int]]) -> dict:
     from bench.quality import OFFLINE_CLASSIFIER, SHARED, WORKERS, run_stage
     from daychat.data import quality
 
-    recipe = yaml.safe_load((ROOT / "params.yaml").read_text())["quality"]
+    recipe = quality_filters_on(yaml.safe_load((ROOT / "params.yaml").read_text())["quality"])
     p = {**recipe, **OFFLINE_CLASSIFIER, "classifier": True, "workers": WORKERS}
     with tempfile.TemporaryDirectory(prefix="bench-labelled-") as tmp:
         ws = Path(tmp)
@@ -219,7 +219,7 @@ def classifier_agreement(pages: list[tuple[str, int]]) -> dict:
 
 
 def measure(pages: list[tuple[str, int]], recipe: dict, *, constructed: bool = False, classifier: bool = False) -> dict:
-    p = parse_section("quality", recipe)
+    p = parse_section("quality", quality_filters_on(recipe))
     labels = np.array([label for _, label in pages])
     keys = [hashlib.sha1(text.encode()).hexdigest() for text, _ in pages]
     filters, kept_texts = filter_agreement(pages, p)

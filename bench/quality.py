@@ -3,7 +3,8 @@
 The stage runs as the engines run it, in its own process, with `workers: 2`, on each corpus:
 - gutenberg (../shared/data/corpus: 8 shards, 553 books, ~200M characters) and mixed (2 shards, 3,719
   short documents: movie reviews, news, web forum text, 19 Common Crawl pages, ~16M characters), with the
-  real recipe's language ID and heuristics (params.yaml) and an offline classifier: positives are the
+  real recipe's language ID and heuristics (params.yaml's thresholds, switched on: the recipe has them
+  off) and an offline classifier: positives are the
   answers of four chat models to AlpacaEval's 805 instructions (../shared/data/sft/alpaca_eval, long-form
   explanatory answers, Apache-2.0), negatives the input, 200k hash buckets instead of 2M (a 50 MB model,
   not 0.5 GB, on this small machine);
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from bench.data import link_dataset, measure, write_params
-from bench import record
+from bench import quality_filters_on, record
 from daychat.data import quality
 from daychat.data.quality import ALL_REASONS
 from daychat.data.textshards import read_manifest
@@ -57,9 +58,9 @@ OLD_DOC_CHARS = 4000  # what the whole-document classifier read of each document
 def main() -> None:
     if not SHARED.is_dir():
         sys.exit(f"error: {SHARED} not found; the quality benchmark needs ../shared beside the project")
-    recipe = yaml.safe_load((ROOT / "params.yaml").read_text())["quality"]
+    recipe = quality_filters_on(yaml.safe_load((ROOT / "params.yaml").read_text())["quality"])
     demo = yaml.safe_load((ROOT / "workflow/recipes/demo.yaml").read_text())
-    # The real recipe trains no classifier on ClimbMix (already classifier-selected): here it is on.
+    # The real recipe runs no filter on ClimbMix (params.yaml says why): here they are on.
     params = {**recipe, **OFFLINE_CLASSIFIER, "classifier": True, "workers": WORKERS}
     results = {"workers": WORKERS, "params": params}
     corpora = sys.argv[1:] or ["demo", "mixed", "gutenberg"]
