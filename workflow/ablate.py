@@ -21,8 +21,9 @@ experiment commit and writes:
   (every run: its overrides, metrics, code hash).
 
 Finished runs are kept in results.json and in the workspace's experiment refs and are not run again; a
-run's name holds a hash of its overrides and of the pretrain stage's code (its code deps in dvc.yaml), so
-changing either reruns it. The code is frozen for the whole queue: the workspace links to a copy of
+run's name holds a hash of its overrides, of the pretrain stage's code (its code deps in dvc.yaml), of the
+base recipe and of the config's data and base settings (with the content of the files they name, e.g. a
+held-out text), so changing any of them reruns it. The code is frozen for the whole queue: the workspace links to a copy of
 stages/, daychat/, workflow/ taken when the harness starts, so editing the project while the queue runs
 changes nothing in it.
 
@@ -220,18 +221,15 @@ def setup_hash(cfg: dict, code: str) -> str:
     digest = hashlib.sha256(code.encode() + workspace.recipe_path(cfg["recipe"]).read_bytes())
     settings = resolve_paths({**cfg.get("data", {}), **cfg.get("base", {})})
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for key, value in sorted(settings.items()):
-        if key in _path_keys(settings) and value:
-            path = Path(value)
-            if not path.exists():
-                raise AblateError(f"{key}: {value} not found" + (f"; make it with `{cfg['setup']}`" if cfg.get("setup") else ""))
-            if path.is_file():
-                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    files = sorted((key, value) for key, value in settings.items()
+                   if isinstance(value, str) and value and key.split(".")[-1] in PATH_KEYS)
+    for key, value in files:
+        path = Path(value)
+        if not path.exists():
+            raise AblateError(f"{key}: {value} not found" + (f"; make it with `{cfg['setup']}`" if cfg.get("setup") else ""))
+        if path.is_file():
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:12]
-
-
-def _path_keys(settings: dict) -> list[str]:
-    return [key for key, value in settings.items() if isinstance(value, str) and key.split(".")[-1] in PATH_KEYS]
 
 
 def freeze_code(into: Path) -> Path:
