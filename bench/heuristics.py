@@ -104,8 +104,7 @@ def params_score(recipe, data) -> dict:
     """The recipe's own score (score_weights, score_bias, min_score) on the constructed pages' second half."""
     stats, labels, fit_half, _ = data
     held = ~fit_half
-    scores = np.array([quality_score(dict(zip(STATISTICS, row)), recipe.score_weights, recipe.score_bias)
-                       for row in stats[held]])
+    scores = score_rows(stats[held], recipe.score_weights, recipe.score_bias)
     dropped = scores < recipe.min_score
     return {"auc_held_out": _round(auc(scores, labels[held])), "min_score": recipe.min_score,
             "clean_dropped_held_out": _round(dropped[labels[held] == 1].mean()),
@@ -126,11 +125,9 @@ def constructed_fit(recipe, data) -> dict:
     used = [STATISTICS.index(name) for name in SIGNS]
     weights, bias = fit_logistic(stats[fit_half][:, used], labels[fit_half], list(SIGNS.values()))
     weights = dict(zip(SIGNS, weights.values()))
-    scores = np.array([quality_score(dict(zip(STATISTICS, row)), weights, bias) for row in stats])
+    scores = score_rows(stats, weights, bias)
     held = ~fit_half
-    clean_held = np.sort(scores[held & (labels == 1)])
-    cut = float(clean_held[int(np.floor(CLEAN_DROP_BUDGET * len(clean_held)))])  # drops < the budget below it
-    min_score = float(np.floor(cut * 1000) / 1000)
+    min_score = cut_off(scores[held & (labels == 1)], CLEAN_DROP_BUDGET)
     dropped = scores < min_score
     score = {"auc_held_out": _round(auc(scores[held], labels[held])), "min_score": min_score,
              "clean_dropped_held_out": _round(dropped[held & (labels == 1)].mean()),
@@ -270,6 +267,17 @@ def gopher_thresholds(p) -> dict:
         "top_2gram_chars": lambda r: r[at["top_2gram_chars"]] > p.max_top_ngram_chars[0],
         "dup_5gram_chars": lambda r: r[at["dup_5gram_chars"]] > p.max_dup_ngram_chars[0],
     }
+
+
+def score_rows(stats: np.ndarray, weights: dict[str, float], bias: float) -> np.ndarray:
+    """(N,) the combined score of each row of statistics (in STATISTICS order)."""
+    return np.array([quality_score(dict(zip(STATISTICS, row)), weights, bias) for row in stats])
+
+
+def cut_off(keep_scores: np.ndarray, budget: float) -> float:
+    """The highest cut-off (3 decimals) below which at most `budget` of `keep_scores` fall."""
+    ordered = np.sort(keep_scores)
+    return float(np.floor(ordered[int(np.floor(budget * len(ordered)))] * 1000) / 1000)
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, signs: list[int], steps: int = 20_000) -> tuple[dict[int, float], float]:

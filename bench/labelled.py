@@ -46,8 +46,8 @@ import numpy as np
 import yaml
 
 from bench import quality_filters_on, record
-from bench.heuristics import SIGNS, auc, fit_logistic
-from daychat.data.heuristics import STATISTICS, Words, document_stats, quality_score
+from bench.heuristics import SIGNS, auc, cut_off, fit_logistic, score_rows
+from daychat.data.heuristics import STATISTICS, document_stats
 from daychat.data.quality import DocumentFilter, Tally, _unit_hash, spearman
 from daychat.errors import UserError
 from daychat.io import write_text
@@ -152,12 +152,12 @@ def drop_figures(dropped: np.ndarray, labels: np.ndarray) -> dict:
 
 def statistics_table(texts: list[str]) -> np.ndarray:
     """(N, S) the heuristic statistics of each text, in STATISTICS order."""
-    return np.array([[document_stats(text, Words(text))[name] for name in STATISTICS] for text in texts])
+    return np.array([[document_stats(text)[name] for name in STATISTICS] for text in texts])
 
 
 def score_agreement(stats: np.ndarray, labels: np.ndarray, weights: dict[str, float], bias: float,
                     min_score: float) -> dict:
-    scores = np.array([quality_score(dict(zip(STATISTICS, row)), weights, bias) for row in stats])
+    scores = score_rows(stats, weights, bias)
     return {"auc": _round(auc(scores, labels)), "min_score": min_score, **drop_figures(scores < min_score, labels)}
 
 
@@ -173,21 +173,15 @@ def fitted_score(stats: np.ndarray, labels: np.ndarray, keys: list[str]) -> dict
         fit = ~held
         weights, bias = fit_logistic(stats[fit][:, used], labels[fit], list(SIGNS.values()))
         named = dict(zip(SIGNS, weights.values()))
-        s = np.array([quality_score(dict(zip(STATISTICS, row)), named, bias) for row in stats])
+        s = score_rows(stats, named, bias)
         scores[held] = s[held]
-        dropped[held] = s[held] < _cut(s[fit & (labels == 1)])
+        dropped[held] = s[held] < cut_off(s[fit & (labels == 1)], HIGH_DROP_BUDGET)
     weights, bias = fit_logistic(stats[:, used], labels, list(SIGNS.values()))
     named = dict(zip(SIGNS, weights.values()))
-    everywhere = np.array([quality_score(dict(zip(STATISTICS, row)), named, bias) for row in stats])
+    everywhere = score_rows(stats, named, bias)
     return {"auc_out_of_fold": _round(auc(scores, labels)), **{f"{k}_out_of_fold": v for k, v in drop_figures(dropped, labels).items()},
             "weights": {k: round(v, 4) for k, v in named.items()}, "bias": round(bias, 4),
-            "min_score": _cut(everywhere[labels == 1])}
-
-
-def _cut(high_scores: np.ndarray) -> float:
-    """The highest cut-off (3 decimals) below which at most HIGH_DROP_BUDGET of `high_scores` fall."""
-    ordered = np.sort(high_scores)
-    return float(np.floor(ordered[int(np.floor(HIGH_DROP_BUDGET * len(ordered)))] * 1000) / 1000)
+            "min_score": cut_off(everywhere[labels == 1], HIGH_DROP_BUDGET)}
 
 
 def classifier_agreement(pages: list[tuple[str, int]]) -> dict:
@@ -205,9 +199,7 @@ def classifier_agreement(pages: list[tuple[str, int]]) -> dict:
         params = parse_section("quality", p)
         meta = json.loads((ws / "models/quality/meta.json").read_text())
         scorer = quality.Scorer(ws / "models/quality" / meta["model"], params.classifier_window_words, params.classifier_windows)
-        scores = np.array([np.median(quality.hq_scores(scorer.model, quality.scoring_lines(
-            text.split(), params.classifier_window_words, params.classifier_windows))) if text.split() else 0.0
-            for text, _ in pages])
+        scores = scorer.score_texts([text for text, _ in pages])[0]
     labels = np.array([label for _, label in pages])
     words = np.array([len(text.split()) for text, _ in pages])
     return {"trained_on": "AlpacaEval answers (positives) against the mixed corpus (negatives), by the quality stage",

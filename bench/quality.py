@@ -145,9 +145,7 @@ def whole_document_classifier(ws: Path, p: dict) -> dict:
     old = quality.hq_scores(model, [quality.text_sample(t, OLD_DOC_CHARS) for t in texts])
     stage = quality.Scorer(ws / "models/quality" / json.loads((ws / "models/quality/meta.json").read_text())["model"],
                            params.classifier_window_words, params.classifier_windows)
-    new = np.array([np.median(quality.hq_scores(stage.model, quality.scoring_lines(t.split(), params.classifier_window_words,
-                                                                                   params.classifier_windows)) if t.split() else [0.0])
-                    for t in texts])
+    new = stage.score_texts(texts)[0]
     by_source = {}
     for name in sorted(set(origin)):
         mask = origin == name

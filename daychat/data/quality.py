@@ -707,6 +707,11 @@ class Scorer:
     def run(self, chunk: Chunk) -> Scored:
         t0 = time.process_time()
         texts = [text for _, text, _ in _read_docs(chunk.path, chunk.row_groups)]
+        scores, words = self.score_texts(texts)
+        return Scored(chunk, scores, words, np.array([mean_line_chars(t) for t in texts]), time.process_time() - t0)
+
+    def score_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) score and (N,) words of each text."""
         lines, owner, words = [], [], []
         for i, text in enumerate(texts):
             doc_words = text.split()
@@ -717,8 +722,7 @@ class Scorer:
         probs = hq_scores(self.model, lines)  # (L,)
         bounds = np.searchsorted(np.array(owner, np.int64), np.arange(len(texts) + 1))  # doc i: probs[b[i]:b[i+1]]
         scores = np.array([np.median(probs[a:b]) if b > a else 0.0 for a, b in zip(bounds[:-1], bounds[1:])])
-        return Scored(chunk, scores, np.array(words, np.float64), np.array([mean_line_chars(t) for t in texts]),
-                      time.process_time() - t0)
+        return scores, np.array(words, np.float64)
 
 
 class RandomScorer:
