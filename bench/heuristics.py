@@ -93,7 +93,7 @@ def constructed_documents() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     clean = clean_documents(rng)
     junk = junk_documents([text for key, text in clean if _unit_hash(key, SEED) >= 0.5], rng)
     docs = [(key, text, 1) for key, text in clean] + [(key, text, 0) for key, text in junk]
-    stats = np.array([[document_stats(text)[name] for name in STATISTICS] for _, text, _ in docs])  # (N, S)
+    stats = statistics_rows([text for _, text, _ in docs])
     labels = np.array([label for *_, label in docs])
     fit_half = np.array([_unit_hash(key, SEED + 1) < 0.5 for key, _, _ in docs])
     kinds = np.array([key.split("/")[0] for key, _, _ in docs])
@@ -106,9 +106,9 @@ def params_score(recipe, data) -> dict:
     held = ~fit_half
     scores = score_rows(stats[held], recipe.score_weights, recipe.score_bias)
     dropped = scores < recipe.min_score
-    return {"auc_held_out": _round(auc(scores, labels[held])), "min_score": recipe.min_score,
-            "clean_dropped_held_out": _round(dropped[labels[held] == 1].mean()),
-            "junk_caught_held_out": _round(dropped[labels[held] == 0].mean())}
+    return {"auc_held_out": round4(auc(scores, labels[held])), "min_score": recipe.min_score,
+            "clean_dropped_held_out": round4(dropped[labels[held] == 1].mean()),
+            "junk_caught_held_out": round4(dropped[labels[held] == 0].mean())}
 
 
 def constructed_fit(recipe, data) -> dict:
@@ -116,11 +116,11 @@ def constructed_fit(recipe, data) -> dict:
     constructed junk (the module docstring); the score's weights are in results["score"]."""
     stats, labels, fit_half, kinds = data
 
-    per_statistic = {name: {"auc": _round(auc(stats[:, i], labels))} for i, name in enumerate(STATISTICS)}
+    per_statistic = {name: {"auc": round4(auc(stats[:, i], labels))} for i, name in enumerate(STATISTICS)}
     thresholds = gopher_thresholds(recipe)
     for name, drops in thresholds.items():
         dropped = np.array([drops(row) for row in stats])
-        per_statistic[name].update(clean_dropped=_round(dropped[labels == 1].mean()), junk_caught=_round(dropped[labels == 0].mean()))
+        per_statistic[name].update(clean_dropped=round4(dropped[labels == 1].mean()), junk_caught=round4(dropped[labels == 0].mean()))
 
     used = [STATISTICS.index(name) for name in SIGNS]
     weights, bias = fit_logistic(stats[fit_half][:, used], labels[fit_half], list(SIGNS.values()))
@@ -129,12 +129,12 @@ def constructed_fit(recipe, data) -> dict:
     held = ~fit_half
     min_score = cut_off(scores[held & (labels == 1)], CLEAN_DROP_BUDGET)
     dropped = scores < min_score
-    score = {"auc_held_out": _round(auc(scores[held], labels[held])), "min_score": min_score,
-             "clean_dropped_held_out": _round(dropped[held & (labels == 1)].mean()),
-             "junk_caught_held_out": _round(dropped[held & (labels == 0)].mean()),
-             "junk_caught_by_kind": {kind: _round(dropped[held & (kinds == kind)].mean())
+    score = {"auc_held_out": round4(auc(scores[held], labels[held])), "min_score": min_score,
+             "clean_dropped_held_out": round4(dropped[held & (labels == 1)].mean()),
+             "junk_caught_held_out": round4(dropped[held & (labels == 0)].mean()),
+             "junk_caught_by_kind": {kind: round4(dropped[held & (kinds == kind)].mean())
                                      for kind in sorted(set(kinds[labels == 0]))},
-             "clean_dropped_by_kind": {kind: _round(dropped[held & (kinds == kind)].mean())
+             "clean_dropped_by_kind": {kind: round4(dropped[held & (kinds == kind)].mean())
                                        for kind in sorted(set(kinds[labels == 1]))},
              "weights": {k: round(v, 4) for k, v in weights.items()}, "bias": round(bias, 4)}
     gopher_any = np.array([any(drops(row) for drops in thresholds.values()) for row in stats])
@@ -142,8 +142,8 @@ def constructed_fit(recipe, data) -> dict:
         "documents": {"clean": int(labels.sum()), "junk": int((1 - labels).sum()),
                       "by_kind": {kind: int((kinds == kind).sum()) for kind in sorted(set(kinds))}},
         "statistics": per_statistic,
-        "gopher_thresholds_together": {"clean_dropped": _round(gopher_any[labels == 1].mean()),
-                                       "junk_caught": _round(gopher_any[labels == 0].mean())},
+        "gopher_thresholds_together": {"clean_dropped": round4(gopher_any[labels == 1].mean()),
+                                       "junk_caught": round4(gopher_any[labels == 0].mean())},
         "score": score,
     }
     return results
@@ -269,6 +269,11 @@ def gopher_thresholds(p) -> dict:
     }
 
 
+def statistics_rows(texts: list[str]) -> np.ndarray:
+    """(N, S) the heuristic statistics of each text, in STATISTICS order."""
+    return np.array([[document_stats(text)[name] for name in STATISTICS] for text in texts])
+
+
 def score_rows(stats: np.ndarray, weights: dict[str, float], bias: float) -> np.ndarray:
     """(N,) the combined score of each row of statistics (in STATISTICS order)."""
     return np.array([quality_score(dict(zip(STATISTICS, row)), weights, bias) for row in stats])
@@ -333,8 +338,8 @@ def real_text_drops(recipe, weights: dict[str, float], bias: float, min_score: f
                 if len(examples) < 3:
                     examples.append({"id": key, "score": round(s, 3), "text": " ".join(kept.split())[:160]})
         n = max(len(docs), 1)
-        out[name] = {"docs": len(docs), "boilerplate_dropped": _round(boiler / n), "heuristics_dropped": _round(gopher / n),
-                     "score_dropped": _round(score_drops / n), "score_examples": examples}
+        out[name] = {"docs": len(docs), "boilerplate_dropped": round4(boiler / n), "heuristics_dropped": round4(gopher / n),
+                     "score_dropped": round4(score_drops / n), "score_examples": examples}
     return out
 
 
@@ -347,7 +352,7 @@ def _check_without_score(h: Heuristics, text: str, words: Words):
         h.on = on
 
 
-def _round(value) -> float | None:
+def round4(value) -> float | None:
     return None if value is None or not np.isfinite(value) else round(float(value), 4)
 
 

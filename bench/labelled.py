@@ -46,8 +46,8 @@ import numpy as np
 import yaml
 
 from bench import quality_filters_on, record
-from bench.heuristics import SIGNS, auc, cut_off, fit_logistic, score_rows
-from daychat.data.heuristics import STATISTICS, document_stats
+from bench.heuristics import SIGNS, round4, auc, cut_off, fit_logistic, score_rows, statistics_rows
+from daychat.data.heuristics import STATISTICS
 from daychat.data.quality import DocumentFilter, Tally, _unit_hash, spearman
 from daychat.errors import UserError
 from daychat.io import write_text
@@ -137,28 +137,23 @@ def filter_agreement(pages: list[tuple[str, int]], p) -> tuple[dict, list[str]]:
         **drop_figures(dropped, labels),
         "by_reason": by_reason,
         "stripping": {"high_pages_stripped": stripped[1], "low_pages_stripped": stripped[0],
-                      "high_chars_stripped": _round(stripped_chars[1] / max(chars[1], 1)),
-                      "low_chars_stripped": _round(stripped_chars[0] / max(chars[0], 1))},
+                      "high_chars_stripped": round4(stripped_chars[1] / max(chars[1], 1)),
+                      "low_chars_stripped": round4(stripped_chars[0] / max(chars[0], 1))},
     }, kept_texts
 
 
 def drop_figures(dropped: np.ndarray, labels: np.ndarray) -> dict:
     """What dropping `dropped` does against the labels."""
     n_drop = int(dropped.sum())
-    return {"dropped": _round(dropped.mean()),
-            "precision": _round((dropped & (labels == 0)).sum() / n_drop) if n_drop else None,
-            "high_dropped": _round(dropped[labels == 1].mean()), "low_caught": _round(dropped[labels == 0].mean())}
-
-
-def statistics_table(texts: list[str]) -> np.ndarray:
-    """(N, S) the heuristic statistics of each text, in STATISTICS order."""
-    return np.array([[document_stats(text)[name] for name in STATISTICS] for text in texts])
+    return {"dropped": round4(dropped.mean()),
+            "precision": round4((dropped & (labels == 0)).sum() / n_drop) if n_drop else None,
+            "high_dropped": round4(dropped[labels == 1].mean()), "low_caught": round4(dropped[labels == 0].mean())}
 
 
 def score_agreement(stats: np.ndarray, labels: np.ndarray, weights: dict[str, float], bias: float,
                     min_score: float) -> dict:
     scores = score_rows(stats, weights, bias)
-    return {"auc": _round(auc(scores, labels)), "min_score": min_score, **drop_figures(scores < min_score, labels)}
+    return {"auc": round4(auc(scores, labels)), "min_score": min_score, **drop_figures(scores < min_score, labels)}
 
 
 def fitted_score(stats: np.ndarray, labels: np.ndarray, keys: list[str]) -> dict:
@@ -179,7 +174,7 @@ def fitted_score(stats: np.ndarray, labels: np.ndarray, keys: list[str]) -> dict
     weights, bias = fit_logistic(stats[:, used], labels, list(SIGNS.values()))
     named = dict(zip(SIGNS, weights.values()))
     everywhere = score_rows(stats, named, bias)
-    return {"auc_out_of_fold": _round(auc(scores, labels)), **{f"{k}_out_of_fold": v for k, v in drop_figures(dropped, labels).items()},
+    return {"auc_out_of_fold": round4(auc(scores, labels)), **{f"{k}_out_of_fold": v for k, v in drop_figures(dropped, labels).items()},
             "weights": {k: round(v, 4) for k, v in named.items()}, "bias": round(bias, 4),
             "min_score": cut_off(everywhere[labels == 1], HIGH_DROP_BUDGET)}
 
@@ -204,7 +199,7 @@ def classifier_agreement(pages: list[tuple[str, int]]) -> dict:
     words = np.array([len(text.split()) for text, _ in pages])
     return {"trained_on": "AlpacaEval answers (positives) against the mixed corpus (negatives), by the quality stage",
             "holdout_precision": stage["classifier"]["precision"], "holdout_recall": stage["classifier"]["recall"],
-            "auc": _round(auc(scores, labels)), "spearman_length": _round(spearman(scores, words))}
+            "auc": round4(auc(scores, labels)), "spearman_length": round4(spearman(scores, words))}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,13 +210,13 @@ def measure(pages: list[tuple[str, int]], recipe: dict, *, constructed: bool = F
     labels = np.array([label for _, label in pages])
     keys = [hashlib.sha1(text.encode()).hexdigest() for text, _ in pages]
     filters, kept_texts = filter_agreement(pages, p)
-    stats = statistics_table(kept_texts)
+    stats = statistics_rows(kept_texts)
     words = np.array([len(text.split()) for text in kept_texts])
     results = {
         "pages": {"high": int(labels.sum()), "low": int((1 - labels).sum()), "source": PAGES_URL},
         "filters": filters,
-        "statistics_auc": {name: _round(auc(stats[:, i], labels)) for i, name in enumerate(STATISTICS)},
-        "word_count_auc": _round(auc(words.astype(np.float64), labels)),
+        "statistics_auc": {name: round4(auc(stats[:, i], labels)) for i, name in enumerate(STATISTICS)},
+        "word_count_auc": round4(auc(words.astype(np.float64), labels)),
         "score_params": score_agreement(stats, labels, p.score_weights, p.score_bias, p.min_score),
         "score_fitted_here": fitted_score(stats, labels, keys),
     }
@@ -263,10 +258,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _round(value) -> float | None:
-    return None if value is None or not np.isfinite(value) else round(float(value), 4)
 
 
 if __name__ == "__main__":
